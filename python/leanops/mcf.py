@@ -1,0 +1,175 @@
+"""Multi-component float (MCF) arithmetic: error-free transformations over tensors, elementwise.
+
+A value is carried as an unevaluated sum ``hi + lo`` of two numbers of one dtype (bfloat16, float16 or float32),
+which nearly doubles its precision: a bfloat16 pair holds about 16 significant bits. These are the building blocks
+of Collage (Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM Training", ICML 2024), whose
+optimizers keep bfloat16 weights and optimizer state without fp32 master copies.
+
+All ops take tensors of one dtype and one shape (``scale``'s multiplier may be a single element) and return new
+contiguous tensors; every result is exact as stated, not merely close:
+
+==================================  ===========================================================================
+``two_sum(a, b) -> (s, e)``          s = fl(a + b), and a + b == s + e exactly (Knuth's TwoSum, any operands)
+``fast_two_sum(a, b) -> (s, e)``     the same, in three operations, when |a| >= |b| (Dekker's Fast2Sum)
+``two_prod(a, b) -> (p, e)``         p = fl(a * b), and a * b == p + e exactly (unless e underflows)
+``grow(hi, lo, v) -> (hi, lo)``      add v into the pair: (s, e) = TwoSum(hi, v); Fast2Sum(s, e + lo), so that
+                                     |lo| <= ulp(hi) / 2 afterwards (Collage's Grow); ``grow_`` works in place
+``scale(hi, lo, b_hi, b_lo)``        the pair times the pair (b_hi, b_lo), e.g. beta2 = 0.999 split as
+                                     (1.0, -0.001) in bfloat16: bf16(0.999) is 1.0, so the low part carries all
+                                     of the decay
+``split(x, dtype) -> (hi, lo)``      float32 x as hi = fl(x), lo = fl(x - hi) in `dtype`
+``merge(hi, lo) -> float32``         the float32 nearest to hi + lo
+==================================  ===========================================================================
+
+Every op takes ``backend="auto" | "reference" | "triton" | "cuda" | "cpu"`` (see ``leanops.backends``); all
+backends give the same bits. The reference also runs float64 (except ``split``/``merge``).
+"""
+import struct
+
+import torch
+
+from . import _validation, backends
+from . import custom_ops  # noqa: F401  - registers the Triton custom ops and the fake kernels
+from .reference import mcf as reference_mcf
+
+Tensor = torch.Tensor
+
+KERNEL_DTYPES = backends.KERNEL_DTYPES
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def _implementation(backend: str):
+    """The namespace that holds this backend's MCF ops, each callable with the public signature."""
+    if backend == "reference":
+        return reference_mcf
+    if backend == "triton":
+        return torch.ops.leanops_triton
+    return torch.ops.leanops  # "cpu" and "cuda": the dispatcher picks the kernel by device
+
+
+def _dispatch(op: str, backend: str, like: Tensor):
+    chosen = backends.resolve(f"leanops.mcf.{op}", backend, like.device, like.dtype, KERNEL_DTYPES)
+    return getattr(_implementation(chosen), op)
+
+
+def _binary(op: str, a, b, backend: str) -> tuple[Tensor, Tensor]:
+    name = f"leanops.mcf.{op}"
+    _validation.check_tensor(name, "a", a, REFERENCE_DTYPES)
+    _validation.check_like(name, "b", b, "a", a)
+    return tuple(_dispatch(op, backend, a)(a, b))
+
+
+def two_sum(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Knuth's TwoSum: ``s = fl(a + b)`` and ``e = (a + b) - s`` exactly, elementwise.
+
+    Args:
+        a, b: tensors of one shape and dtype (bfloat16, float16, float32; float64 on the reference backend).
+    Returns:
+        (s, e), each shaped and typed like ``a``.
+    """
+    return _binary("two_sum", a, b, backend)
+
+
+def fast_two_sum(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Dekker's Fast2Sum: the result of ``two_sum`` in three operations, valid where ``|a| >= |b|``.
+
+    Where ``|a| < |b|`` the error term may be inexact; use ``two_sum`` when the order is unknown.
+    """
+    return _binary("fast_two_sum", a, b, backend)
+
+
+def two_prod(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """TwoProd: ``p = fl(a * b)`` and ``e = a * b - p`` exactly, elementwise (exact unless ``e`` underflows).
+
+    For bfloat16/float16 the float32 product is exact; for float32 the kernels use one fused multiply-add.
+    """
+    return _binary("two_prod", a, b, backend)
+
+
+def _check_grow(op: str, hi, lo, v) -> None:
+    _validation.check_tensor(op, "hi", hi, REFERENCE_DTYPES)
+    _validation.check_like(op, "lo", lo, "hi", hi)
+    _validation.check_like(op, "v", v, "hi", hi)
+
+
+def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Collage's Grow: the pair ``(hi, lo)`` plus ``v``, as a new normalised pair.
+
+    ``(s, e) = TwoSum(hi, v)``; ``(hi', lo') = Fast2Sum(s, e + lo)``, so ``|lo'| <= ulp(hi') / 2``. Small
+    updates that plain bfloat16 would round away accumulate in ``lo`` until they reach ``hi``.
+    """
+    _check_grow("leanops.mcf.grow", hi, lo, v)
+    return tuple(_dispatch("grow", backend, hi)(hi, lo, v))
+
+
+def grow_(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """In-place ``grow``: ``hi`` and ``lo`` receive the new pair (they must not share memory). Returns them."""
+    _check_grow("leanops.mcf.grow_", hi, lo, v)
+    _dispatch("grow_", backend, hi)(hi, lo, v)
+    return hi, lo
+
+
+def _multiplier(op: str, name: str, value, like: Tensor) -> Tensor:
+    """A multiplier component as a tensor: a tensor like `like` or of one element, or an exactly representable
+    Python number."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not _exactly_representable(float(value), like.dtype):
+            raise ValueError(f"{op}: argument '{name}'={value!r} is not exactly representable in {like.dtype}; "
+                             "split it first, e.g. leanops.mcf.split(torch.tensor(value), dtype)")
+        return torch.full((), float(value), dtype=like.dtype, device=like.device)
+    _validation.check_like(op, name, value, "hi", like, scalar_ok=True)
+    return value
+
+
+def _exactly_representable(value: float, dtype: torch.dtype) -> bool:
+    if dtype == torch.float64:
+        return True
+    try:
+        as_float32 = struct.unpack("<f", struct.pack("<f", value))[0]
+        if dtype == torch.float16:
+            return struct.unpack("<e", struct.pack("<e", value))[0] == value
+    except OverflowError:
+        return False
+    if as_float32 != value:
+        return False
+    if dtype == torch.bfloat16:
+        return struct.unpack("<I", struct.pack("<f", value))[0] & 0xFFFF == 0
+    return True
+
+
+def scale(hi: Tensor, lo: Tensor, b_hi, b_lo, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The pair ``(hi, lo)`` times the pair ``(b_hi, b_lo)``, as a new normalised pair.
+
+    ``(p, e) = TwoProd(hi, b_hi)``; ``e += hi * b_lo + lo * b_hi``; ``(hi', lo') = Fast2Sum(p, e)``
+    (Dekker's mul2; ``lo * b_lo`` lies below the pair's precision). ``b_hi`` and ``b_lo`` are tensors shaped like
+    ``hi`` or of a single element, or Python numbers exactly representable in the dtype. To decay by beta2 = 0.999
+    in bfloat16: ``b_hi, b_lo = split(torch.tensor(0.999), torch.bfloat16)``, i.e. (1.0, -0.000999...).
+    """
+    op = "leanops.mcf.scale"
+    _validation.check_tensor(op, "hi", hi, REFERENCE_DTYPES)
+    _validation.check_like(op, "lo", lo, "hi", hi)
+    b_hi = _multiplier(op, "b_hi", b_hi, hi)
+    b_lo = _multiplier(op, "b_lo", b_lo, hi)
+    return tuple(_dispatch("scale", backend, hi)(hi, lo, b_hi, b_lo))
+
+
+def split(x: Tensor, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """float32 ``x`` as the pair ``hi = fl(x)``, ``lo = fl(x - hi)`` of `dtype` (bfloat16, float16 or float32).
+
+    For bfloat16 the pair keeps 16 of float32's 24 significant bits; ``merge`` gives back the float32 nearest to
+    ``hi + lo``.
+    """
+    op = "leanops.mcf.split"
+    _validation.check_tensor(op, "x", x, (torch.float32,))
+    if dtype not in KERNEL_DTYPES:
+        allowed = ", ".join(str(d) for d in KERNEL_DTYPES)
+        raise TypeError(f"{op}: argument 'dtype' must be one of {allowed}, got {dtype!r}")
+    return tuple(_dispatch("split", backend, x)(x, dtype))
+
+
+def merge(hi: Tensor, lo: Tensor, *, backend: str = "auto") -> Tensor:
+    """The float32 nearest to ``hi + lo`` (a bfloat16/float16/float32 pair)."""
+    op = "leanops.mcf.merge"
+    _validation.check_tensor(op, "hi", hi, KERNEL_DTYPES)
+    _validation.check_like(op, "lo", lo, "hi", hi)
+    return _dispatch("merge", backend, hi)(hi, lo)

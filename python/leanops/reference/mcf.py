@@ -1,0 +1,89 @@
+"""Multi-component float (MCF) arithmetic in plain PyTorch: the textbook algorithms, one torch op per step.
+
+Every op here works in the inputs' own dtype: torch rounds each bfloat16/float16 operation correctly (it computes
+in float32 and rounds once, and that double rounding is innocuous for +, - and *), so these are the exact
+error-free transformations of that format. float64 inputs work too (``two_prod`` then uses Dekker's splitting,
+since torch has no fused multiply-add). The kernels compute the same algorithms and must agree bit for bit.
+
+References: Knuth, TAOCP vol. 2, 4.2.2 (TwoSum); Dekker, "A floating-point technique for extending the available
+precision", 1971 (Fast2Sum, TwoProduct); Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM
+Training", ICML 2024 (Grow, MCF state).
+"""
+import torch
+
+from .._validation import check_no_shared_memory
+
+Tensor = torch.Tensor
+
+
+def two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Knuth's TwoSum: s = fl(a + b) and e with a + b == s + e exactly, for any a, b."""
+    s = a + b
+    b_virtual = s - a
+    a_virtual = s - b_virtual
+    return s, (a - a_virtual) + (b - b_virtual)
+
+
+def fast_two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Dekker's Fast2Sum: the same as two_sum when |a| >= |b|, in three operations instead of six."""
+    s = a + b
+    return s, b - (s - a)
+
+
+def _dekker_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Veltkamp's splitting of float64 x into two halves of 26 significant bits each, x == hi + lo exactly."""
+    c = x * 134217729.0  # 2**27 + 1
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """TwoProd: p = fl(a * b) and e with a * b == p + e exactly (unless e underflows).
+
+    For bfloat16/float16 the float32 product is exact, and for float32 the float64 product is, so the error is
+    that exact product minus p, rounded back to the dtype without loss. float64 uses Dekker's TwoProduct.
+    """
+    p = a * b
+    if a.dtype == torch.float64:
+        a_hi, a_lo = _dekker_split(a)
+        b_hi, b_lo = _dekker_split(b)
+        e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        return p, e
+    wide = torch.float64 if a.dtype == torch.float32 else torch.float32
+    exact = a.to(wide) * b.to(wide)
+    return p, (exact - p.to(wide)).to(a.dtype)
+
+
+def grow(hi: Tensor, lo: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Collage's Grow: add v to the pair (hi, lo), renormalised with Fast2Sum so that |lo| <= ulp(hi) / 2."""
+    s, e = two_sum(hi, v)
+    return fast_two_sum(s, e + lo)
+
+
+def grow_(hi: Tensor, lo: Tensor, v: Tensor) -> None:
+    """In-place ``grow``: hi and lo receive the new pair."""
+    check_no_shared_memory("leanops.mcf.grow_", "hi", hi, "lo", lo)
+    new_hi, new_lo = grow(hi, lo, v)
+    hi.copy_(new_hi)
+    lo.copy_(new_lo)
+
+
+def scale(hi: Tensor, lo: Tensor, b_hi: Tensor, b_lo: Tensor) -> tuple[Tensor, Tensor]:
+    """Multiply the pair (hi, lo) by the pair (b_hi, b_lo), dropping lo * b_lo (below the pair's precision).
+
+    p, e = TwoProd(hi, b_hi); e += hi * b_lo + lo * b_hi; (hi, lo) = Fast2Sum(p, e)   (Dekker's mul2)
+    """
+    p, e = two_prod(hi, b_hi)
+    cross = hi * b_lo + lo * b_hi
+    return fast_two_sum(p, e + cross)
+
+
+def split(x: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Split float32 x into hi = fl_dtype(x) and lo = fl_dtype(x - hi); x - hi is exact in float32 (Sterbenz)."""
+    hi = x.to(dtype)
+    return hi, (x - hi.to(x.dtype)).to(dtype)
+
+
+def merge(hi: Tensor, lo: Tensor) -> Tensor:
+    """The float32 nearest to hi + lo."""
+    return hi.to(torch.float32) + lo.to(torch.float32)
