@@ -25,6 +25,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define LEANOPS_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced inlining keeps each EFT inside the caller's loop, where it vectorises; left to itself GCC may emit an
+// out-of-line copy and call it through the PLT of the shared library, five times slower.
+#define LEANOPS_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define LEANOPS_HOST_DEVICE inline
 #endif
@@ -93,10 +97,11 @@ struct BFloat16Format {
 #if defined(__CUDA_ARCH__)
     return __bfloat162float(__float2bfloat16_rn(x));
 #else
-    if (x != x) return x;  // NaN stays NaN (the bit trick below could turn a NaN payload into infinity)
     const uint32_t bits = float_bits(x);
     const uint32_t rounded = bits + 0x7FFFu + ((bits >> 16) & 1u);  // overflow carries into the exponent: inf
-    return float_from_bits(rounded & 0xFFFF0000u);
+    // A select, not a branch, so that loops over this vectorise. NaN stays NaN (the bit trick could turn a NaN
+    // whose payload sits in the low 16 bits into infinity).
+    return x != x ? x : float_from_bits(rounded & 0xFFFF0000u);
 #endif
   }
 };

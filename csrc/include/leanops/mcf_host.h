@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdint>
+#include <utility>
 #include <tuple>
 
 #include "leanops/mcf_ops.h"
@@ -64,6 +66,20 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t, co
 
 inline at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype) {
   return at::empty(like.sizes(), like.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+}
+
+// Whether two tensors' spans of memory intersect (conservative for interleaved strided views of one buffer).
+inline bool byte_ranges_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+    const auto start = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return std::make_pair(start, start + static_cast<uintptr_t>(extent * t.element_size()));
+  };
+  const auto [a_start, a_end] = span(a);
+  const auto [b_start, b_end] = span(b);
+  return a_start < b_end && b_start < a_end;
 }
 
 template <typename InT, typename OutT, int NumIn, int NumOut>
@@ -133,8 +149,7 @@ void grow_(at::Tensor& hi, at::Tensor& lo, const at::Tensor& v) {
   check_like("grow_", "v", v, "hi", hi);
   at::assert_no_internal_overlap(hi);
   at::assert_no_internal_overlap(lo);
-  TORCH_CHECK_VALUE(at::get_overlap_status(hi, lo) == at::MemOverlapStatus::No,
-                    "leanops.mcf.grow_: arguments 'hi' and 'lo' must not share memory");
+  TORCH_CHECK_VALUE(!byte_ranges_intersect(hi, lo), "leanops.mcf.grow_: arguments 'hi' and 'lo' must not share memory");
   if (hi.is_contiguous() && lo.is_contiguous()) {
     pair_op<Launcher, GrowOp, 3>("grow_", "hi", {hi, lo, v}, {hi, lo});
   } else {

@@ -1,0 +1,112 @@
+"""The ``leanops`` command line.
+
+  leanops info                 versions, the device, how leanops._C was built, which backends are built and usable
+  leanops bench [FAMILY ...]   check every usable backend against the reference, time it, write JSON, print a table
+
+Run ``leanops <command> --help`` for the options.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+# Each benchmark family is a module of leanops.benchmarks with a function
+# run(device, *, quick, repeats, elements, backend_names) -> leanops.benchmarks.common.Report.
+# A new family (clip, siglip, ce, optim) adds one line here.
+BENCHMARK_FAMILIES = {
+    "mcf": "leanops.benchmarks.bench_mcf",
+}
+
+
+def _info(arguments) -> int:
+    from . import info
+
+    data = info.collect()
+    print(json.dumps(data, indent=2) if arguments.json else info.format_info(data))
+    return 0
+
+
+def _default_out_dir() -> str:
+    in_checkout = os.path.join("benchmarks", "results")
+    return in_checkout if os.path.isdir(in_checkout) else "leanops-results"
+
+
+def _bench(arguments, parser) -> int:
+    import torch
+
+    device_type = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA device is visible (see `leanops info`)")
+    if arguments.repeats is not None and arguments.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {arguments.repeats}")
+    if arguments.size is not None and arguments.size < 1:
+        parser.error(f"--size must be at least 1, got {arguments.size}")
+    unknown = [family for family in arguments.families if family not in BENCHMARK_FAMILIES]
+    if unknown:
+        parser.error(f"unknown benchmark family {', '.join(unknown)}; choose from {', '.join(BENCHMARK_FAMILIES)}")
+    device = torch.device(device_type)
+    out_dir = arguments.out or _default_out_dir()
+    backend_names = arguments.backends.split(",") if arguments.backends else None
+
+    from leanops.benchmarks import common
+
+    reports = []
+    for family in arguments.families or list(BENCHMARK_FAMILIES):
+        module = importlib.import_module(BENCHMARK_FAMILIES[family])
+        print(f"leanops bench: running {family} on {device_type} ...", file=sys.stderr, flush=True)
+        report = module.run(device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
+                            backend_names=backend_names)
+        path = common.write_results(out_dir, report)
+        print(f"leanops bench: wrote {path}", file=sys.stderr)
+        reports.append(report)
+    print("\n\n".join(common.format_report(report) for report in reports))
+    failures = sum(row.check == "failed" for report in reports for row in report.rows)
+    if failures:
+        print(f"leanops bench: {failures} backend check(s) FAILED: outputs differ from the reference",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanops", description="Memory-efficient training ops for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info_parser = commands.add_parser("info", help="what is installed, built and usable here")
+    info_parser.add_argument("--json", action="store_true", help="print the data as JSON")
+
+    bench_parser = commands.add_parser(
+        "bench", help="check and time the backends of op families",
+        description="Check every usable backend against the reference (a mismatch is reported as a failure, "
+                    "never as a time), time it, write <out>/<family>-<device>.json and print a table.")
+    # No `choices=`: argparse rejects an empty list for nargs="*" with choices (checked in _bench instead).
+    bench_parser.add_argument("families", nargs="*", metavar="FAMILY",
+                              help=f"families to run (default: all of {', '.join(BENCHMARK_FAMILIES)})")
+    bench_parser.add_argument("--device", choices=("cpu", "cuda"),
+                              help="device type (default: cuda if a GPU is visible, else cpu)")
+    bench_parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
+    bench_parser.add_argument("--out", metavar="DIR",
+                              help="directory for the JSON results (default: benchmarks/results if it exists "
+                                   "here, else ./leanops-results)")
+    bench_parser.add_argument("--repeats", type=int, metavar="N",
+                              help="timed repeats per measurement; the median is reported (default: 20 on a "
+                                   "GPU, 5 on the CPU)")
+    bench_parser.add_argument("--backends", metavar="NAME[,NAME]",
+                              help="only these backends (the reference always runs: it is the oracle)")
+    # Hidden: the element count, overriding the family's default (tests use tiny sizes).
+    bench_parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    bench_parser.set_defaults(subparser=bench_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``leanops`` console script; returns the exit status."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.command == "info":
+        return _info(arguments)
+    return _bench(arguments, arguments.subparser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

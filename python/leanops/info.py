@@ -1,0 +1,143 @@
+"""What this installation of leanops can run here: versions, the device, how leanops._C was built, and for every
+backend and device type whether it is built and usable, and why not. ``leanops info`` prints it.
+
+``collect()`` returns plain data (tests check it, ``leanops info --json`` prints it); ``format_info()`` turns it
+into the text the command line shows.
+"""
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+from . import __version__, _extension, backends
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def package_version(name: str) -> str:
+    """The installed version of distribution `name`, or "not installed" (read from metadata, without importing)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), or what `platform` knows, or "unknown CPU"."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask where the platform has one, else all cores)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name for `device`: the GPU's name, or the CPU's model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({cpu_cores()} cores)"
+
+
+def _built(backend: str) -> tuple[bool, str | None]:
+    """Whether `backend`'s code exists in this installation (independent of the device), and why not."""
+    if backend == "reference":
+        return True, None
+    if backend == "triton":
+        # Triton kernels are compiled just in time: "built" means triton is installed.
+        return (True, None) if backends.triton_installed() else (False, "triton is not installed")
+    if not _extension.extension_loaded():
+        return False, f"leanops._C is not available ({_extension.extension_error})"
+    if backend == "cuda" and not _extension.cuda_kernels_built():
+        return False, "leanops._C was built without CUDA kernels"
+    return True, None
+
+
+def backend_table() -> list[dict]:
+    """One entry per (backend, device type): built, usable, and the reason when it is not usable."""
+    cuda_visible = torch.cuda.is_available()
+    table = []
+    for backend in backends.BACKENDS:
+        built, _ = _built(backend)
+        for device_type in DEVICE_TYPES:
+            reason = backends.unavailable_reason(backend, torch.device(device_type))
+            if reason is None and device_type == "cuda" and not cuda_visible:
+                reason = "no CUDA device visible"
+            table.append({"backend": backend, "device_type": device_type, "built": built,
+                          "usable": reason is None, "reason": reason})
+    return table
+
+
+def collect() -> dict:
+    """Everything ``leanops info`` reports, as plain data (strings, numbers, booleans, lists, dicts)."""
+    cuda_visible = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())] if cuda_visible else []
+    return {
+        "versions": {
+            "leanops": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda or "not a CUDA build",
+            "triton": package_version("triton"),
+        },
+        "device": {
+            "cuda_visible": cuda_visible,
+            "gpus": gpus,
+            "cpu": cpu_model(),
+            "cpu_cores": cpu_cores(),
+        },
+        "extension": {
+            "loaded": _extension.extension_loaded(),
+            "build_info": dict(_extension.build_info),
+            "error": _extension.extension_error,
+        },
+        "environment": {name: os.environ.get(name) for name in ("LEANOPS_BACKEND", "TRITON_INTERPRET")},
+        "backends": backend_table(),
+    }
+
+
+def format_info(info: dict) -> str:
+    """The text ``leanops info`` prints for the data of ``collect()``."""
+    versions, device, extension = info["versions"], info["device"], info["extension"]
+    lines = [f"leanops {versions['leanops']}",
+             f"  python  {versions['python']}",
+             f"  torch   {versions['torch']} (CUDA: {versions['torch_cuda']})",
+             f"  triton  {versions['triton']}",
+             "",
+             "device"]
+    if device["gpus"]:
+        lines += [f"  cuda:{index}  {name}" for index, name in enumerate(device["gpus"])]
+    else:
+        lines.append("  no CUDA device visible")
+    lines += [f"  cpu     {device['cpu']}, {device['cpu_cores']} cores", "", "leanops._C"]
+    if extension["loaded"]:
+        build = extension["build_info"]
+        kernels = "CPU and CUDA kernels" if build.get("cuda") else "CPU kernels only"
+        lines.append(f"  loaded: {kernels}, built against torch {build.get('torch', 'unknown')}")
+        if build.get("cuda"):
+            lines.append(f"  CUDA architectures: {build.get('cuda_arch_list') or 'unknown'}")
+    else:
+        lines.append(f"  not available: {extension['error']}")
+    set_variables = {name: value for name, value in info["environment"].items() if value is not None}
+    if set_variables:
+        lines += ["", "environment"] + [f"  {name}={value}" for name, value in set_variables.items()]
+
+    lines += ["", "backends"]
+    header = ("backend", "device", "built", "usable", "why not")
+    rows = [(entry["backend"], entry["device_type"], "yes" if entry["built"] else "no",
+             "yes" if entry["usable"] else "no", entry["reason"] or "") for entry in info["backends"]]
+    widths = [max(len(str(row[column])) for row in rows + [header]) for column in range(len(header) - 1)]
+    for row in [header] + rows:
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)

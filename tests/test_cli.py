@@ -1,0 +1,112 @@
+"""The ``leanops`` command line: ``info`` tells the truth about this machine; ``bench`` checks, times and writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from leanops import backends, cli, info
+
+
+def _entry(table, backend, device_type):
+    (entry,) = [e for e in table if e["backend"] == backend and e["device_type"] == device_type]
+    return entry
+
+
+def test_info_collect_reports_every_backend_and_device_type():
+    table = info.collect()["backends"]
+    assert {(e["backend"], e["device_type"]) for e in table} == {
+        (backend, device_type) for backend in backends.BACKENDS for device_type in ("cpu", "cuda")}
+    for entry in table:
+        assert entry["usable"] == (entry["reason"] is None)
+    assert _entry(table, "reference", "cpu")["usable"]
+    assert _entry(table, "cpu", "cpu")["usable"]
+    assert not _entry(table, "cpu", "cuda")["usable"]
+    if not torch.cuda.is_available():
+        for backend in backends.BACKENDS:
+            entry = _entry(table, backend, "cuda")
+            assert not entry["usable"] and entry["reason"]
+        assert "no CUDA device visible" in _entry(table, "cuda", "cuda")["reason"]
+
+
+def test_info_command_prints_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    for backend in backends.BACKENDS:
+        assert backend in text
+    assert f"torch   {torch.__version__}" in text
+    if not torch.cuda.is_available():
+        assert "no CUDA device visible" in text
+
+
+def test_info_json_round_trips(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["versions"]["torch"] == torch.__version__
+
+
+def test_info_subprocess_without_triton_interpreter():
+    """As a user runs it: a fresh process, and without TRITON_INTERPRET triton is not usable on CPU tensors."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "leanops.cli", "info"], capture_output=True, text=True,
+                            env=environment, timeout=120, check=True)
+    rows = {tuple(line.split()[:2]): line for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert rows[("cpu", "cpu")].split()[2:4] == ["yes", "yes"]
+    assert "TRITON_INTERPRET=1" in rows[("triton", "cpu")]
+    if not torch.cuda.is_available():
+        assert "no CUDA device visible" in rows[("cuda", "cuda")]
+
+
+def test_bench_mcf_writes_checked_times(tmp_path, capsys):
+    status = cli.main(["bench", "mcf", "--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2",
+                       "--size", "65536"])
+    assert status == 0
+    results = json.loads((tmp_path / "mcf-cpu.json").read_text())
+    assert results["environment"]["device_type"] == "cpu"
+    assert results["copy_bandwidth_gbps"] > 0
+    rows = results["rows"]
+    for op in ("two_sum", "grow_"):
+        for dtype in ("bfloat16", "float32"):
+            by_backend = {row["backend"]: row for row in rows if row["op"] == op and row["dtype"] == dtype}
+            assert by_backend["reference"]["check"] == "oracle"
+            assert by_backend["cpu"]["check"] == "passed"
+            for backend in ("reference", "cpu"):
+                assert by_backend[backend]["elements"] == 65536
+                assert by_backend[backend]["ms"] > 0 and by_backend[backend]["gbps"] > 0
+    triton_rows = [row for row in rows if row["backend"] == "triton"]
+    if backends.unavailable_reason("triton", torch.device("cpu")) is None:  # the interpreter (see conftest.py)
+        assert all(row["check"] == "passed" and row["ms"] > 0 for row in triton_rows)
+    else:
+        assert all(row["check"] == "skipped" and row["ms"] is None for row in triton_rows)
+    assert all(row["check"] != "failed" for row in rows)
+    assert "two_sum" in capsys.readouterr().out  # the table comes last, on stdout
+
+
+def test_bench_reports_a_mismatch_as_a_failure_not_a_time(tmp_path, monkeypatch, capsys):
+    from leanops.benchmarks import bench_mcf
+
+    two_sum = bench_mcf.mcf.two_sum
+
+    def wrong_on_cpu_backend(a, b, *, backend="auto"):
+        s, e = two_sum(a, b, backend=backend)
+        return (s, e + 1) if backend == "cpu" else (s, e)
+
+    monkeypatch.setattr(bench_mcf.mcf, "two_sum", wrong_on_cpu_backend)
+    status = cli.main(["bench", "mcf", "--device", "cpu", "--out", str(tmp_path), "--repeats", "1",
+                       "--size", "4096", "--backends", "cpu"])
+    assert status == 1
+    rows = json.loads((tmp_path / "mcf-cpu.json").read_text())["rows"]
+    failed = [row for row in rows if row["check"] == "failed"]
+    assert {(row["op"], row["backend"]) for row in failed} == {("two_sum", "cpu")}
+    assert all(row["ms"] is None and "differ from the reference" in row["note"] for row in failed)
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_family_and_missing_gpu(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "no_such_family", "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--device", "cuda", "--out", str(tmp_path)])
