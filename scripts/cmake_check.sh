@@ -19,6 +19,12 @@ if ! torch_prefix=$("$python" -c "import torch; print(torch.utils.cmake_prefix_p
   exit 1
 fi
 python_path=$(command -v "$python")
+# ctest runs from the build tree: a relative interpreter path (such as .venv/bin/python) must become absolute there.
+# Not through realpath: a virtual environment's python is a symlink whose target is outside the environment.
+case $python_path in
+  /*) ;;
+  *) python_path="$PWD/$python_path" ;;
+esac
 
 generator=()
 # A build tree keeps the generator it was first configured with; only choose one for a fresh tree.

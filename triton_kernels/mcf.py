@@ -214,7 +214,7 @@ def _launch(kernel, n: int, device: torch.device, *args, **constexprs) -> None:
     block_size = _BLOCK_SIZE_INTERPRETER if interpreted else _BLOCK_SIZE_GPU
     grid = (triton.cdiv(n, block_size),)
     options = {} if interpreted else {"num_warps": _NUM_WARPS_GPU, "enable_fp_fusion": False}
-    with torch.device(device) if device.type == "cuda" else _no_context():
+    with torch.cuda.device(device) if device.type == "cuda" else _no_context():
         kernel[grid](*args, n, BLOCK_SIZE=block_size, **constexprs, **options)
 
 
