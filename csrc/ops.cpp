@@ -13,4 +13,24 @@ TORCH_LIBRARY(leanops, m) {
   m.def("scale(Tensor hi, Tensor lo, Tensor b_hi, Tensor b_lo) -> (Tensor hi_out, Tensor lo_out)");
   m.def("split(Tensor x, ScalarType dtype) -> (Tensor hi, Tensor lo)");
   m.def("merge(Tensor hi, Tensor lo) -> Tensor");
+
+  // Blockwise contrastive losses (python/leanops/contrastive.py documents the math). Features (B, D) of one float
+  // dtype; every statistic and gradient is float32. The B x B similarity matrix never exists: tiles only.
+  //   clip_forward: row_lse[i] = logsumexp_j(scale[i] * <x_i, y_j>), col_lse[j] = logsumexp_i(scale[j] * <x_i, y_j>)
+  m.def("clip_forward(Tensor image, Tensor text, Tensor scale) -> (Tensor row_lse, Tensor col_lse)");
+  //   clip_backward: with p = row softmax, q = column softmax and
+  //   G[i,j] = row_weight[i] * scale[i] * p[i,j] + col_weight[j] * scale[j] * q[i,j]:
+  //   grad_image = G @ text, grad_text = G^T @ image,
+  //   grad_scale[i] = row_weight[i] * sum_j p[i,j] <x_i,y_j> + col_weight[i] * sum_k q[k,i] <x_k,y_i>
+  m.def(
+      "clip_backward(Tensor image, Tensor text, Tensor scale, Tensor row_lse, Tensor col_lse, Tensor row_weight, "
+      "Tensor col_weight) -> (Tensor grad_image, Tensor grad_text, Tensor grad_scale)");
+  //   siglip_forward: row_loss[i] = sum_j softplus(-label[i,j] * (scale * <x_i, y_j> + bias)),
+  //   label = +1 where groups[i] == groups[j], else -1
+  m.def("siglip_forward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor groups) -> Tensor row_loss");
+  //   siglip_backward: with D[i,j] = -row_weight[i] * label[i,j] * sigmoid(-label[i,j] * z[i,j]):
+  //   grad_image = scale * D @ text, grad_text = scale * D^T @ image, grad_scale = sum D * <x,y>, grad_bias = sum D
+  m.def(
+      "siglip_backward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor groups, Tensor row_weight) -> "
+      "(Tensor grad_image, Tensor grad_text, Tensor grad_scale, Tensor grad_bias)");
 }

@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest ninja setuptools wheel
+"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest ninja setuptools wheel matplotlib
 # --no-build-isolation: the extension compiles against the torch installed above, not a second download.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$venv/bin/leanops" info

@@ -5,9 +5,10 @@ kernels; ``backend="auto"`` picks the fastest usable one (see ``leanops.backends
 line says what is built and usable here.
 """
 from . import _extension  # noqa: F401  - loads leanops._C (or warns once why not) before anything uses it
-from . import backends, mcf
+from . import backends, mcf, nn
 from .backends import BackendUnavailableError
+from .contrastive import clip_loss, siglip_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "backends", "mcf", "__version__"]
+__all__ = ["BackendUnavailableError", "backends", "clip_loss", "mcf", "nn", "siglip_loss", "__version__"]

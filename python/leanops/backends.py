@@ -80,11 +80,13 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
-            kernel_dtypes: tuple = KERNEL_DTYPES, preference: dict | None = None) -> str:
+            kernel_dtypes: tuple = KERNEL_DTYPES, preference: dict | None = None,
+            implemented: tuple = BACKENDS) -> str:
     """The concrete backend that serves `op` for tensors of this device and dtype.
 
     `kernel_dtypes` are the dtypes the compiled/Triton kernels of this op support; the reference supports all
-    floating dtypes. Raises ValueError for an unknown name and BackendUnavailableError for one that cannot serve.
+    floating dtypes. `implemented` lists the backends that have this op at all (a family may lack one for a while).
+    Raises ValueError for an unknown name and BackendUnavailableError for one that cannot serve.
     """
     if not isinstance(backend, str):
         raise TypeError(f"{op}: argument 'backend' must be a string, got {type(backend).__name__}")
@@ -93,12 +95,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
     if backend == AUTO:
         if dtype in kernel_dtypes:
             for candidate in (preference or DEFAULT_PREFERENCE).get(device.type, ()):
-                if unavailable_reason(candidate, device) is None:
+                if candidate in implemented and unavailable_reason(candidate, device) is None:
                     return candidate
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: argument 'backend' must be one of {(AUTO,) + BACKENDS}, got {backend!r}")
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device) if backend in implemented else f"it has no {backend} kernels yet"
     if reason is None and backend != "reference" and dtype not in kernel_dtypes:
         supported = ", ".join(str(d) for d in kernel_dtypes)
         reason = f"its kernels support {supported}, not {dtype}"

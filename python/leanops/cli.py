@@ -11,11 +11,14 @@ import json
 import os
 import sys
 
-# Each benchmark family is a module of leanops.benchmarks with a function
-# run(device, *, quick, repeats, elements, backend_names) -> leanops.benchmarks.common.Report.
-# A new family (clip, siglip, ce, optim) adds one line here.
+# Each benchmark family is "module" or "module:function" of leanops.benchmarks, the function (default: run) being
+# run(device, *, quick, repeats, elements, backend_names) -> leanops.benchmarks.common.Report. A module may also
+# define format_report(report) -> str (its own table) and write_plots(out_dir, report) -> list of paths.
+# A new family (ce, optim) adds one line here.
 BENCHMARK_FAMILIES = {
     "mcf": "leanops.benchmarks.bench_mcf",
+    "clip": "leanops.benchmarks.bench_contrastive:run_clip",
+    "siglip": "leanops.benchmarks.bench_contrastive:run_siglip",
 }
 
 
@@ -52,15 +55,21 @@ def _bench(arguments, parser) -> int:
     from leanops.benchmarks import common
 
     reports = []
+    tables = []
     for family in arguments.families or list(BENCHMARK_FAMILIES):
-        module = importlib.import_module(BENCHMARK_FAMILIES[family])
+        module_name, _, function_name = BENCHMARK_FAMILIES[family].partition(":")
+        module = importlib.import_module(module_name)
         print(f"leanops bench: running {family} on {device_type} ...", file=sys.stderr, flush=True)
-        report = module.run(device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
-                            backend_names=backend_names)
+        report = getattr(module, function_name or "run")(
+            device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
+            backend_names=backend_names)
+        plot_paths = module.write_plots(out_dir, report) if hasattr(module, "write_plots") else []
         path = common.write_results(out_dir, report)
-        print(f"leanops bench: wrote {path}", file=sys.stderr)
+        for written in [path] + plot_paths:
+            print(f"leanops bench: wrote {written}", file=sys.stderr)
         reports.append(report)
-    print("\n\n".join(common.format_report(report) for report in reports))
+        tables.append(getattr(module, "format_report", common.format_report)(report))
+    print("\n\n".join(tables))
     failures = sum(row.check == "failed" for report in reports for row in report.rows)
     if failures:
         print(f"leanops bench: {failures} backend check(s) FAILED: outputs differ from the reference",

@@ -2,6 +2,6 @@
 
 They use only torch's own operators, run on any device, and (where a family says so) in float64.
 """
-from . import mcf
+from . import contrastive, mcf
 
-__all__ = ["mcf"]
+__all__ = ["contrastive", "mcf"]

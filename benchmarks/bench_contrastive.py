@@ -1,0 +1,570 @@
+"""Benchmark of the contrastive losses ``leanops.clip_loss`` and ``leanops.siglip_loss`` (``leanops bench clip``,
+``leanops bench siglip``): forward + backward time and peak extra memory against the batch size B.
+
+Each method computes the loss of (B, D) normalised random features x (image) and y (text), both requiring grad, and
+a learnable 0-dim logit scale s (and bias b for SigLIP), then ``torch.autograd.grad`` of the loss with respect to
+x, y, s (and b). The methods:
+
+- ``pytorch``: plain PyTorch, open_clip's formulation (``leanops.reference.contrastive.clip_loss`` /
+  ``siglip_loss``), run in the features' dtype; it builds the B x B logits, so it runs out of memory first;
+- ``blockwise``: ``leanops.contrastive.clip_loss_blockwise`` / ``siglip_loss_blockwise``, the blockwise primitives
+  in plain PyTorch (row blocks, O(block x B) memory);
+- ``triton``, ``cuda`` (on a GPU), ``cpu`` (on the CPU): the leanops kernels, where ``contrastive.IMPLEMENTED``
+  has them and the backend is usable here (never Triton's interpreter: it is a correctness tool);
+- ``inf-cl`` (CLIP on a GPU only): Inf-CL (Cheng et al. 2024, ``pip install inf-cl``), when installed.
+
+Before any time is reported, each method's loss and gradient of x are compared at B = CHECK_BATCH with plain
+PyTorch run in float64 on the same inputs: the relative error must stay within max(2 x the error plain PyTorch
+makes in the benchmark dtype, a floor for the dtype) (the flash-attention rule of ../shared/DESIGN.md). A failed
+check is a failure row, never a time.
+
+The FLOP floor is 8 B^2 D per forward + backward: S = x y^T (2 B^2 D), its recomputation in the backward pass
+(2 B^2 D; plain PyTorch keeps S instead, and needs 6 B^2 D), and the gradients S_bar y, S_bar^T x (4 B^2 D).
+Memory is the peak of what the call allocates beyond the inputs already allocated: the CUDA caching allocator's peak
+on a GPU; on the CPU the growth of the resident set size, sampled every ~1 ms by a background thread.
+"""
+import ctypes
+import dataclasses
+import gc
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from leanops import backends, contrastive
+from leanops.reference import contrastive as reference_contrastive
+
+from . import common
+
+# Measured ceiling on the H100, ../shared/DESIGN.md (bf16 matmul); used only when the device name contains "H100".
+H100_BF16_PEAK_FLOPS = 747e12
+
+CHECK_BATCH = 256
+# The smallest relative error a check tolerates, whatever plain PyTorch achieves: fp32, DESIGN.md's ~1e-5; bf16 and
+# fp16, twice the normwise error of a correctly rounded gradient in that dtype (half an ulp is up to 2^-8 of the
+# largest element in bf16, 2^-11 in fp16), so that a lucky plain-PyTorch rounding cannot fail an exact kernel.
+ERROR_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# Plain PyTorch is the baseline; its own check only asks that it is finite and not grossly wrong.
+PLAIN_ERROR_LIMIT = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+# Seconds of timed calls one (method, B) may take: slow methods get fewer repeats (each row says how many).
+TIME_BUDGET_S = {"cuda": 15.0, "cpu": 10.0}
+# The CPU memory sampler's period, and how long (at least) it watches repeated calls.
+RSS_SAMPLE_INTERVAL_S = 1e-3
+RSS_WATCH_S = 0.05
+RSS_MIN_SAMPLES = 5  # fewer samples than this over the watched calls: too coarse, reported as n/a
+
+METHOD_NOTES = {
+    "pytorch": "plain PyTorch, open_clip's formulation (B x B logits)",
+    "blockwise": "leanops blockwise primitives in plain PyTorch",
+    "triton": "leanops Triton kernels",
+    "cuda": "leanops CUDA kernels",
+    "cpu": "leanops C++ CPU kernels",
+    "inf-cl": "Inf-CL (cal_inf_loss, both directions)",
+}
+METHODS = tuple(METHOD_NOTES)
+
+
+@dataclasses.dataclass
+class ContrastiveRow(common.Row):
+    """A ``common.Row`` (``elements`` is the batch size B) with what a contrastive loss adds: the shape, the FLOP
+    floor and the fraction of the device's peak it reaches, the peak extra memory, and the check's errors."""
+    batch: int = 0
+    dim: int = 0
+    flop_floor: float = 0.0
+    tflops: float | None = None
+    fraction_of_peak: float | None = None
+    peak_extra_bytes: int | None = None
+    out_of_memory: bool = False
+    repeats: int | None = None
+    loss_error: float | None = None
+    grad_error: float | None = None
+    loss_tolerance: float | None = None
+    grad_tolerance: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """One loss: its parameters' values and how each method computes it from (x, y, parameters)."""
+    family: str
+    op: str
+    scale: float
+    bias: float | None
+    plain: Callable
+    blockwise: Callable
+    leanops: Callable  # (x, y, parameters, backend)
+    inf_cl: Callable | None
+
+
+def _clip_plain(x, y, parameters):
+    return reference_contrastive.clip_loss(x, y, parameters[0])
+
+
+def _siglip_plain(x, y, parameters):
+    return reference_contrastive.siglip_loss(x, y, parameters[0], parameters[1])
+
+
+def _inf_cl_head_dim(dim: int) -> int:
+    """Inf-CL views (B, D) as (B, D / head_dim, head_dim), head_dim in 16..256."""
+    for head_dim in (256, 128, 64, 32, 16):
+        if dim % head_dim == 0:
+            return head_dim
+    raise ValueError(f"Inf-CL needs D divisible by 16, 32, 64, 128 or 256; D = {dim}")
+
+
+def _clip_inf_cl(x, y, parameters):
+    """CLIP through Inf-CL: its ``cal_inf_loss(q, k, labels, scale, head_dim)`` is one direction (q -> k), so the
+    loss is the mean of both. The scale is applied here, as ``scale * q``, exactly what cal_inf_loss does with its
+    ``scale=`` argument: that argument's autograd wrapper (GradientGather, inf-cl 1.2.1) all-reduces the scale's
+    gradient unconditionally, which fails without torch.distributed."""
+    from inf_cl import cal_inf_loss
+
+    scale = parameters[0]
+    head_dim = _inf_cl_head_dim(x.shape[1])
+    return 0.5 * (cal_inf_loss(scale * x, y, head_dim=head_dim) + cal_inf_loss(scale * y, x, head_dim=head_dim))
+
+
+SPECS = {
+    "clip": LossSpec(
+        family="clip", op="clip_loss", scale=100.0, bias=None,  # 100: open_clip's clamp of exp(logit_scale)
+        plain=_clip_plain,
+        blockwise=lambda x, y, p: contrastive.clip_loss_blockwise(x, y, p[0]),
+        leanops=lambda x, y, p, backend: contrastive.clip_loss(x, y, p[0], backend=backend),
+        inf_cl=_clip_inf_cl),
+    "siglip": LossSpec(
+        family="siglip", op="siglip_loss", scale=10.0, bias=-10.0,  # SigLIP's initial values
+        plain=_siglip_plain,
+        blockwise=lambda x, y, p: contrastive.siglip_loss_blockwise(x, y, p[0], p[1]),
+        leanops=lambda x, y, p, backend: contrastive.siglip_loss(x, y, p[0], p[1], backend=backend),
+        inf_cl=None),
+}
+
+
+def default_batches(family: str, device: torch.device, quick: bool) -> list[int]:
+    if device.type == "cuda":
+        if quick:
+            return [4096, 8192]
+        return [8192, 16384, 32768, 65536, 131072] if family == "clip" else [8192, 16384, 32768, 65536]
+    return [256, 512] if quick else [512, 1024, 2048]
+
+
+def default_dim_and_dtype(device: torch.device) -> tuple[int, torch.dtype]:
+    return (512, torch.bfloat16) if device.type == "cuda" else (64, torch.float32)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's measured matmul ceiling for `dtype`, where one is known (H100, bfloat16), else None."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and "H100" in torch.cuda.get_device_name(device):
+        return H100_BF16_PEAK_FLOPS
+    return None
+
+
+def make_inputs(spec: LossSpec, batch: int, dim: int, dtype: torch.dtype, device: torch.device):
+    """Normalised random features (leaves requiring grad) and the learnable 0-dim float32 parameters."""
+    def features():
+        return F.normalize(torch.randn(batch, dim, device=device), dim=1).to(dtype).requires_grad_()
+
+    x, y = features(), features()
+    values = (spec.scale,) if spec.bias is None else (spec.scale, spec.bias)
+    parameters = tuple(torch.tensor(value, dtype=torch.float32, device=device, requires_grad=True)
+                       for value in values)
+    return x, y, parameters
+
+
+def _method_function(spec: LossSpec, method: str) -> Callable:
+    if method == "pytorch":
+        return spec.plain
+    if method == "blockwise":
+        return spec.blockwise
+    if method == "inf-cl":
+        return spec.inf_cl
+    return lambda x, y, parameters: spec.leanops(x, y, parameters, method)
+
+
+def _forward_backward(function: Callable, x, y, parameters):
+    """One training step of the loss: the loss and the gradients of every input (no .grad accumulation)."""
+    loss = function(x, y, parameters)
+    return (loss,) + torch.autograd.grad(loss, (x, y) + parameters)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which methods run here, and why the others do not.
+
+def _inf_cl_unavailable_reason(spec: LossSpec, device: torch.device) -> str | None:
+    if spec.inf_cl is None:
+        return "Inf-CL has no sigmoid (SigLIP) loss"
+    try:
+        import inf_cl  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any import failure means "not usable here", with the reason
+        if isinstance(error, ModuleNotFoundError) and error.name == "inf_cl":
+            return "not installed (pip install inf-cl)"
+        return f"failed to import: {type(error).__name__}: {error}"
+    if device.type != "cuda":
+        return "Inf-CL's Triton kernels run on CUDA tensors only"
+    return None
+
+
+def unavailable_reason(spec: LossSpec, method: str, device: torch.device) -> str | None:
+    """Why `method` cannot run on `device`, or None when it can."""
+    if method in ("pytorch", "blockwise"):
+        return None
+    if method == "inf-cl":
+        return _inf_cl_unavailable_reason(spec, device)
+    if method not in contrastive.IMPLEMENTED:
+        return f"no {method} kernels for the contrastive losses yet (leanops.contrastive.IMPLEMENTED)"
+    return backends.unavailable_reason(method, device)
+
+
+def candidate_methods(spec: LossSpec, device: torch.device) -> list[str]:
+    """Every method listed for this loss on this device type, plain PyTorch first."""
+    kernels = ["triton", "cuda"] if device.type == "cuda" else ["cpu"]
+    methods = ["pytorch", "blockwise"] + kernels
+    if spec.inf_cl is not None:
+        methods.append("inf-cl")
+    return methods
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The check against float64.
+
+def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |value - exact| / max |exact| (normwise), in float64; NaN if value has a NaN."""
+    value, exact = value.detach().to(torch.float64), exact.detach().to(torch.float64)
+    scale = exact.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return float((value - exact).abs().max() / scale)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    passed: bool
+    loss_error: float | None = None
+    grad_error: float | None = None
+    loss_tolerance: float | None = None
+    grad_tolerance: float | None = None
+    problem: str = ""
+
+
+class Checker:
+    """Compares methods with plain PyTorch in float64 on one set of inputs at B = CHECK_BATCH (computed once)."""
+
+    def __init__(self, spec: LossSpec, dim: int, dtype: torch.dtype, device: torch.device):
+        self.spec, self.dtype = spec, dtype
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(1234)
+        self.x, self.y, self.parameters = make_inputs(spec, CHECK_BATCH, dim, dtype, device)
+        torch.random.set_rng_state(generator_state)
+        x64 = self.x.detach().to(torch.float64).requires_grad_()
+        y64 = self.y.detach().to(torch.float64)
+        parameters64 = tuple(p.detach().to(torch.float64) for p in self.parameters)
+        loss64 = spec.plain(x64, y64, parameters64)
+        (grad64,) = torch.autograd.grad(loss64, x64)
+        self.exact = (loss64.detach(), grad64)
+        self.plain_errors = self._errors(spec.plain)
+        self.results: dict[str, CheckResult] = {}
+
+    def _errors(self, function: Callable) -> tuple[float, float]:
+        loss = function(self.x, self.y, self.parameters)
+        (grad,) = torch.autograd.grad(loss, self.x)
+        return _relative_error(loss, self.exact[0]), _relative_error(grad, self.exact[1])
+
+    def check(self, method: str) -> CheckResult:
+        if method not in self.results:
+            self.results[method] = self._check(method)
+        return self.results[method]
+
+    def _check(self, method: str) -> CheckResult:
+        try:
+            loss_error, grad_error = self._errors(_method_function(self.spec, method))
+        except Exception as error:  # noqa: BLE001 - a crashing method is a failure row, not a crash
+            return CheckResult(False, problem=f"failed: {type(error).__name__}: {error}".splitlines()[0])
+        if method == "pytorch":
+            loss_tolerance = grad_tolerance = PLAIN_ERROR_LIMIT[self.dtype]
+        else:
+            floor = ERROR_FLOOR[self.dtype]
+            loss_tolerance = max(2 * self.plain_errors[0], floor)
+            grad_tolerance = max(2 * self.plain_errors[1], floor)
+        # `not (error <= tolerance)`: a NaN error never passes.
+        problems = [f"{name} relative error {error:.2e} > {tolerance:.2e} (B={CHECK_BATCH}, vs float64)"
+                    for name, error, tolerance in (("loss", loss_error, loss_tolerance),
+                                                   ("grad x", grad_error, grad_tolerance))
+                    if not error <= tolerance]
+        return CheckResult(not problems, loss_error, grad_error, loss_tolerance, grad_tolerance, "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory.
+
+def _release_cpu_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps freed blocks below its mmap threshold), so that the next
+    call's resident-set growth counts what it allocates rather than what it reuses."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ResidentSetSampler:
+    """Peak resident set size of this process while the block runs, sampled from /proc/self/statm by a thread."""
+
+    def __init__(self, interval_s: float = RSS_SAMPLE_INTERVAL_S):
+        self.interval_s = interval_s
+        self.page_bytes = os.sysconf("SC_PAGE_SIZE")
+        self.baseline = self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._file = None
+        self._thread = None
+
+    @staticmethod
+    def supported() -> bool:
+        return os.path.exists("/proc/self/statm")
+
+    def _resident_bytes(self) -> int:
+        return int(os.pread(self._file, 64, 0).split()[1]) * self.page_bytes
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._resident_bytes())
+            self.samples += 1
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self._file = os.open("/proc/self/statm", os.O_RDONLY)
+        self.baseline = self.peak = self._resident_bytes()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exception):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._resident_bytes())
+        os.close(self._file)
+        return False
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak - self.baseline
+
+
+def peak_extra_memory(step: Callable[[], object], device: torch.device, call_seconds: float
+                      ) -> tuple[int | None, str]:
+    """The peak memory one call of `step` allocates beyond what is allocated before it, and a note ("" or why
+    there is no number)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, ""
+    if not ResidentSetSampler.supported():
+        return None, "memory n/a: no /proc/self/statm here"
+    # Repeat short calls so the 1 ms sampler sees each phase several times; each call's memory is freed before the
+    # next one, so repeating does not raise the peak.
+    calls = max(3, math.ceil(RSS_WATCH_S / max(call_seconds, 1e-6)))
+    gc.collect()
+    _release_cpu_heap()
+    with ResidentSetSampler() as sampler:
+        for _ in range(calls):
+            step()
+    if sampler.samples < RSS_MIN_SAMPLES:
+        return None, f"memory n/a: only {sampler.samples} RSS samples ({call_seconds * 1e3:.2f} ms per call)"
+    return sampler.growth_bytes, ""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run.
+
+def _measure(row: ContrastiveRow, function: Callable, inputs, device: torch.device, repeats: int,
+             peak: float | None) -> None:
+    """Fill `row` with the time, throughput and peak extra memory of one forward + backward of `function`."""
+    x, y, parameters = inputs
+
+    def step():
+        return _forward_backward(function, x, y, parameters)
+
+    step()  # warm-up: compilation, autotuning, the matmul library's workspace
+    common.synchronize(device)
+    start = time.perf_counter()
+    step()
+    common.synchronize(device)
+    call_seconds = time.perf_counter() - start
+    row.peak_extra_bytes, memory_note = peak_extra_memory(step, device, call_seconds)
+    budget = TIME_BUDGET_S[device.type]
+    row.repeats = max(1, min(repeats, int(budget / max(call_seconds, 1e-9))))
+    row.ms = common.measure_ms(step, device, row.repeats, warmup=0)  # warmed up above
+    row.tflops = row.flop_floor / (row.ms * 1e-3) / 1e12
+    if peak is not None:
+        row.fraction_of_peak = row.tflops * 1e12 / peak
+    notes = [note for note in (row.note, memory_note) if note]
+    if row.repeats < repeats:
+        notes.append(f"{row.repeats} repeats (time budget {budget:.0f} s)")
+    row.note = "; ".join(notes)
+
+
+def _busy_cpu_note() -> str:
+    """A warning when other processes already load the CPU: CPU times are then worth little."""
+    from leanops import info
+
+    if not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], info.cpu_cores()
+    if load < 0.5 * cores:
+        return ""
+    return (f"the CPU was busy when this run began (1-minute load average {load:.1f} on {cores} cores): other "
+            "processes competed for it, so the CPU times are unreliable; the memory figures are not affected")
+
+
+def run_family(family: str, device: torch.device, *, quick: bool = False, repeats: int | None = None,
+               elements: int | None = None, backend_names: list[str] | None = None) -> common.Report:
+    """Check, time and measure the memory of every method of `family` ("clip" or "siglip") on `device`.
+
+    `elements` is a single batch size B overriding the sweep; `backend_names` restricts the methods (any of
+    METHODS; plain PyTorch always runs: it is the baseline).
+    """
+    spec = SPECS[family]
+    repeats = repeats or (20 if device.type == "cuda" else 5)
+    batches = [elements] if elements else default_batches(family, device, quick)
+    dim, dtype = default_dim_and_dtype(device)
+    methods = candidate_methods(spec, device)
+    if backend_names:
+        unknown = sorted(set(backend_names) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown} for {family}; expected some of {METHODS}")
+        methods = [method for method in methods if method == "pytorch" or method in backend_names]
+    peak = peak_flops(device, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    report = common.Report(family, device, rows=[], settings={
+        "quick": quick, "repeats": repeats, "batches": batches, "dim": dim, "dtype": dtype_name,
+        "logit_scale": spec.scale, "logit_bias": spec.bias, "methods": methods, "check_batch": CHECK_BATCH,
+        "peak_flops": peak, "time_budget_s": TIME_BUDGET_S[device.type],
+        "memory": ("CUDA caching allocator: max_memory_allocated - memory_allocated before the call"
+                   if device.type == "cuda" else
+                   f"resident set growth, sampled every {RSS_SAMPLE_INTERVAL_S * 1e3:g} ms from /proc/self/statm")})
+    report.notes.append(f"time: forward + backward (grads of features, scale{', bias' if spec.bias else ''}), "
+                        f"median; FLOP floor 8*B^2*D (S, its recomputation, and the two gradient matmuls)")
+    if peak is None:
+        report.notes.append(f"no measured {dtype_name} FLOP/s ceiling for this device: fraction of peak left out")
+    else:
+        report.notes.append(f"fraction of peak: of {peak / 1e12:.0f} TFLOP/s, the measured bf16 matmul ceiling of "
+                            "the H100 (../shared/DESIGN.md)")
+    if device.type == "cpu":
+        report.notes.append("memory on the CPU: resident-set growth sampled every ~1 ms, a lower bound of the "
+                            "true peak (short-lived buffers between samples are missed)")
+        busy = _busy_cpu_note()
+        if busy:
+            report.notes.append(busy)
+        report.notes.append("triton is not benchmarked on the CPU: its interpreter (TRITON_INTERPRET=1) is a "
+                            "correctness tool, not a performance path")
+    if spec.inf_cl is None:
+        report.notes.append("Inf-CL implements only the softmax (CLIP) loss: no SigLIP peer is benchmarked")
+
+    torch.manual_seed(0)
+    checker = Checker(spec, dim, dtype, device)
+    reasons = {method: unavailable_reason(spec, method, device) for method in methods}
+    for batch in batches:
+        inputs = make_inputs(spec, batch, dim, dtype, device)
+        for method in methods:
+            row = ContrastiveRow(op=spec.op, backend=method, dtype=dtype_name, elements=batch,
+                                 bytes_moved=4 * batch * dim * dtype.itemsize,  # read x, y; write their grads
+                                 check="skipped", batch=batch, dim=dim, flop_floor=8.0 * batch * batch * dim)
+            report.rows.append(row)
+            if reasons[method] is not None:
+                row.note = reasons[method]
+                continue
+            result = checker.check(method)
+            row.loss_error, row.grad_error = result.loss_error, result.grad_error
+            row.loss_tolerance, row.grad_tolerance = result.loss_tolerance, result.grad_tolerance
+            if not result.passed:
+                row.check, row.note = "failed", result.problem
+                continue
+            row.check = "passed"
+            try:
+                _measure(row, _method_function(spec, method), inputs, device, repeats, peak)
+            except Exception as error:  # noqa: BLE001 - out of memory is a row; so is a crash at this size
+                row.ms = row.tflops = row.fraction_of_peak = row.peak_extra_bytes = None
+                if _is_out_of_memory(error):
+                    row.out_of_memory, row.note = True, "out of memory"
+                else:
+                    row.check = "failed"
+                    row.note = f"failed at B={batch}: {type(error).__name__}: {error}".splitlines()[0]
+            finally:
+                _free_device_memory(device)
+        del inputs
+        _free_device_memory(device)
+    return report
+
+
+def run_clip(device: torch.device, **options) -> common.Report:
+    """``leanops bench clip``: see run_family."""
+    return run_family("clip", device, **options)
+
+
+def run_siglip(device: torch.device, **options) -> common.Report:
+    """``leanops bench siglip``: see run_family."""
+    return run_family("siglip", device, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output.
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return ""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def format_report(report: common.Report) -> str:
+    """A plain-text table of a clip/siglip report: one line per (B, method)."""
+    from leanops import info
+
+    def number(value, pattern):
+        return "" if value is None else pattern.format(value)
+
+    header = ["op", "dtype", "B", "D", "method", "ms", "GFLOP floor", "TFLOP/s", "% of peak", "peak extra mem",
+              "check", "note"]
+    rows = []
+    for row in report.rows:
+        batch = getattr(row, "batch", None) or row.elements
+        dim = getattr(row, "dim", None)
+        flop_floor = getattr(row, "flop_floor", None)
+        fraction = getattr(row, "fraction_of_peak", None)
+        rows.append([row.op, row.dtype, str(batch), "" if dim is None else str(dim), row.backend,
+                     number(row.ms, "{:.3f}"), number(flop_floor and flop_floor / 1e9, "{:.1f}"),
+                     number(getattr(row, "tflops", None), "{:.3g}"),
+                     number(None if fraction is None else 100 * fraction, "{:.1f}%"),
+                     format_bytes(getattr(row, "peak_extra_bytes", None)), row.check, row.note])
+    title = f"{report.family} on {info.device_name(report.device)}"
+    text = title + "\n" + common.format_table(header, rows)
+    if report.notes:
+        text += "\n" + "\n".join(f"note: {note}" for note in report.notes)
+    return text
+
+
+def write_plots(out_dir: str, report: common.Report) -> list[str]:
+    """Memory and time against B (log-log) as PNG files in `out_dir`; returns their paths (none without
+    matplotlib, with a note added to the report)."""
+    from . import plots
+
+    return plots.write_batch_plots(out_dir, report)

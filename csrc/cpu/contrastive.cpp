@@ -1,0 +1,693 @@
+// CPU kernels of the blockwise contrastive losses: CLIP/InfoNCE (clip_forward, clip_backward) and SigLIP
+// (siglip_forward, siglip_backward). csrc/ops.cpp states the math of each op; python/leanops/contrastive.py
+// documents it.
+//
+// The B x B similarity matrix S = image @ text^T never exists. Rows and columns are cut into blocks of kBlock; a
+// task computes one S tile (kBlock x kBlock, fp32) with ATen's CPU matmul (MKL sgemm: far faster than a loop of
+// ours), then runs a fused pass over the tile, the "epilogue": exponentials, running maxima and sums, the gradient
+// weights G. The backward recomputes the tiles instead of storing anything B x B. Memory: O(B * D) for the fp32
+// features and the outputs, O(B) for the running statistics, two tiles of scratch per thread. Everything
+// accumulates in fp32.
+//
+// Parallel schedule. CLIP needs statistics of rows (over j) and of columns (over i), and both backwards write rows
+// (grad_image) and columns (grad_text). Rather than giving every thread private copies of the column outputs
+// (O(threads * B * D)), or computing every tile twice (once per side), tiles are visited in diagonals of block
+// groups: the nb row (and column) blocks form P = min(nb, threads) contiguous groups; step s = 0 .. P-1 runs the P
+// row groups g in parallel, and task g sweeps the rectangle (row group g) x (column group (g + s) mod P). Within a
+// step the tasks hold pairwise distinct row groups and pairwise distinct column groups, so each owns its rows and
+// its columns outright: no races, no atomics, no partial buffers, every tile computed once, and after P steps every
+// tile has been visited. That costs P fork/joins per call, and balances like a per-block diagonal schedule (steps of
+// single blocks) with fewer synchronisations, which matters when the cores are shared. Results are deterministic
+// for a given thread count; the order in which a row meets its column blocks (hence the last bits) depends on P.
+// siglip_forward has only row outputs: it runs over row blocks, each sweeping all column blocks.
+//
+// at::parallel_for parallelises only where this file is compiled with OpenMP (-fopenmp; ATen/ParallelOpenMP.h
+// runs the loop serially otherwise). Inside a parallel region the tile matmuls run single-threaded; outside one,
+// MKL threads each of them itself.
+//
+// Input dtype. bf16/fp16 features are converted to fp32 once, up front (O(B * D) extra memory, small next to the
+// B x B the op avoids): converting block by block would redo the conversion of every text block for every row
+// block, nb times the work.
+//
+// The epilogues are written with explicit 8-lane vectors and branch-free exp/log1p polynomials, compiled twice on
+// x86-64 like csrc/cpu/mcf.cpp: baseline SSE2 and an AVX2 + FMA clone chosen at run time. Exponentials dominate
+// the time at small D, where a libm call per element would cost about four times as much.
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+#include "leanops/contrastive_host.h"
+
+namespace leanops {
+namespace contrastive {
+namespace {
+
+// Rows (and columns) per tile: a 256 x 256 fp32 tile is 256 KiB, which stays in L2 across the epilogue's passes,
+// and sgemm on 256-row panels runs near its peak.
+constexpr int64_t kBlock = 256;
+constexpr float kInfinity = std::numeric_limits<float>::infinity();
+
+#define LEANOPS_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------------------------
+// Eight-lane float vectors (GCC/Clang vector extensions). The compiler's own vectoriser cannot be relied on here:
+// under the default -ftrapping-math it refuses to if-convert the selects that exp needs, and leaves the loops scalar.
+// Written with explicit vectors, the baseline build lowers each operation to two SSE instructions and the AVX2
+// clone to one.
+
+// Every function returning a vector is internal and force-inlined, so the ABI warning GCC gives for returning
+// 32-byte vectors without AVX does not apply (GCC reports it when it emits code, so the pragma covers the rest of
+// the file). Vectors are passed by reference, which has no such note.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+constexpr int kWidth = 8;
+typedef float vfloat __attribute__((vector_size(kWidth * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kWidth * sizeof(int32_t))));  // also the type of a comparison
+
+LEANOPS_INLINE vfloat splat(float value) { return vfloat{} + value; }
+LEANOPS_INLINE vint splat_int(int32_t value) { return vint{} + value; }
+
+LEANOPS_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+LEANOPS_INLINE vint load_int(const int32_t* p) {
+  vint v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The first n (1 <= n <= kWidth) values at p; the other lanes read as 0.
+LEANOPS_INLINE vfloat load_partial(const float* p, int64_t n) {
+  if (n == kWidth) return load(p);
+  float lanes[kWidth] = {};
+  std::memcpy(lanes, p, n * sizeof(float));
+  return load(lanes);
+}
+
+LEANOPS_INLINE void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
+
+LEANOPS_INLINE void store_partial(float* p, const vfloat& v, int64_t n) {
+  if (n == kWidth) {
+    store(p, v);
+    return;
+  }
+  float lanes[kWidth];
+  store(lanes, v);
+  std::memcpy(p, lanes, n * sizeof(float));
+}
+
+// Lanes [0, n) set.
+LEANOPS_INLINE vint lanes_below(int64_t n) {
+  const vint lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return lane < splat_int(static_cast<int32_t>(n));
+}
+
+// With a NaN in either operand these return b; a NaN similarity still reaches every sum through exp.
+LEANOPS_INLINE vfloat max(const vfloat& a, const vfloat& b) { return a > b ? a : b; }
+LEANOPS_INLINE vfloat min(const vfloat& a, const vfloat& b) { return a < b ? a : b; }
+LEANOPS_INLINE vfloat abs(const vfloat& a) {
+  return reinterpret_cast<vfloat>(reinterpret_cast<vint>(a) & 0x7fffffff);
+}
+
+LEANOPS_INLINE float horizontal_sum(const vfloat& v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+LEANOPS_INLINE float horizontal_max(const vfloat& v) {
+  float m = v[0];
+  for (int l = 1; l < kWidth; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Branch-free math on vectors.
+
+// e^x, within about 1 ulp (Cephes expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7 polynomial).
+// e^x below e^-87 (1.6e-38, about FLT_MIN) flushes to 0: such terms only ever join sums that hold an e^0 = 1 here,
+// and the flush keeps subnormal arithmetic, slow on x86, out of the loop. x > log(FLT_MAX) gives +inf; NaN gives NaN.
+LEANOPS_INLINE vfloat exp(const vfloat& x) {
+  constexpr float kLow = -87.0f;
+  constexpr float kLogMax = 88.72283935f;  // log(FLT_MAX)
+  // The clamp keeps n in [-126, 128] for any x, NaN included (a comparison with NaN is false: it yields kLow).
+  const vfloat xc = min(max(x, splat(kLow)), splat(kLogMax));
+  // n = round(x / ln 2): adding and subtracting 1.5 * 2^23 rounds to an integer without a call.
+  const vfloat n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // r = x - n ln2 in two steps (Cody-Waite): 0.693359375 has 10 significant bits, so n times it is exact.
+  vfloat r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vfloat exp_r = (p * (r * r) + r) + 1.0f;
+  // 2^n as two normal factors, so that n = 128 (x near log(FLT_MAX)) fits the exponent field.
+  const vint n_int = __builtin_convertvector(n, vint);
+  const vint n_half = n_int >> 1;
+  const vfloat two_to_half = reinterpret_cast<vfloat>((n_half + 127) << 23);
+  const vfloat two_to_rest = reinterpret_cast<vfloat>((n_int - n_half + 127) << 23);
+  vfloat y = exp_r * two_to_half * two_to_rest;
+  y = x > kLogMax ? splat(kInfinity) : y;
+  y = x < kLow ? splat(0.0f) : y;
+  return x != x ? x : y;
+}
+
+// log(1 + u) for u in [0, 1], to about 1 ulp: 2 atanh(s) with s = u / (2 + u) in [0, 1/3], whose odd series
+// converges fast and keeps full relative accuracy for tiny u (no rounding of 1 + u).
+LEANOPS_INLINE vfloat log1p_unit(const vfloat& u) {
+  const vfloat s = u / (u + 2.0f);
+  const vfloat s2 = s * s;
+  vfloat p = splat(1.0f / 13.0f);
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  const vfloat two_s = s * 2.0f;
+  return two_s + two_s * (s2 * p);
+}
+
+// softplus(t) = log(1 + e^t) = max(t, 0) + log1p(e^-|t|): no overflow for large t, full accuracy for very negative t.
+LEANOPS_INLINE vfloat softplus(const vfloat& t) { return max(t, splat(0.0f)) + log1p_unit(exp(-abs(t))); }
+
+// sigmoid(u) = 1 / (1 + e^-u), through e^-|u| so that neither side overflows.
+LEANOPS_INLINE vfloat sigmoid(const vfloat& u) {
+  const vfloat e = exp(-abs(u));
+  return (u >= 0.0f ? splat(1.0f) : e) / (e + 1.0f);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tile epilogues. Each is a functor whose operator() is force-inlined into a baseline and an AVX2 + FMA clone
+// (run_epilogue), so the same source compiles to both. Tiles are R x C (R, C <= kBlock), row-major with leading
+// dimension C; pointers to per-row data are offset to the tile's first row, per-column data to its first column.
+// Per-column inputs are first copied into zero-padded local arrays, so whole vectors can be read past column C;
+// tile rows are read and written in whole vectors up to the last, partial one (load_partial/store_partial), and
+// the padding lanes of a row reduction are masked out.
+
+// Copies n values into a kBlock array, padding with `fill`.
+LEANOPS_INLINE void copy_padded(float* out, const float* in, int64_t n, float fill) {
+  int64_t c = 0;
+  for (; c < n; ++c) out[c] = in[c];
+  for (; c < kBlock; ++c) out[c] = fill;
+}
+
+// CLIP forward: folds one tile into the running (max, sum of exp(z - max)) of its rows (z = row_scale * S) and of
+// its columns (z = col_scale * S).
+struct ClipForwardTile {
+  const float* similarity;
+  int64_t rows, cols;
+  const float* row_scale;
+  const float* col_scale;
+  float* row_max;
+  float* row_sum;
+  float* col_max;
+  float* col_sum;
+
+  LEANOPS_INLINE void operator()() const {
+    alignas(32) float scale_c[kBlock];
+    alignas(32) float old_max_c[kBlock];
+    alignas(32) float new_max_c[kBlock];
+    alignas(32) float sum_c[kBlock];
+    float new_max_r[kBlock];
+    const int64_t C = cols;
+    copy_padded(scale_c, col_scale, C, 0.0f);
+    copy_padded(old_max_c, col_max, C, 0.0f);
+    for (int64_t c = 0; c < kBlock; ++c) new_max_c[c] = old_max_c[c];
+    // Pass 1, maxima: a row's is complete at once (its exponentials need it); columns accumulate over the rows.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s_row = similarity + r * C;
+      const vfloat scale = splat(row_scale[r]);
+      vfloat row_best = splat(-kInfinity);
+      for (int64_t c = 0; c < C; c += kWidth) {
+        const int64_t n = std::min<int64_t>(kWidth, C - c);
+        const vfloat s = load_partial(s_row + c, n);
+        row_best = max(row_best, lanes_below(n) ? scale * s : splat(-kInfinity));
+        store(new_max_c + c, max(load(new_max_c + c), load(scale_c + c) * s));
+      }
+      new_max_r[r] = std::max(row_max[r], horizontal_max(row_best));
+    }
+    for (int64_t c = 0; c < kBlock; ++c) sum_c[c] = 0.0f;
+    // Pass 2, exponentials against the new maxima: every argument is <= 0, so no overflow at any scale.
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s_row = similarity + r * C;
+      const vfloat scale = splat(row_scale[r]);
+      const vfloat m = splat(new_max_r[r]);
+      vfloat row_total = splat(0.0f);
+      for (int64_t c = 0; c < C; c += kWidth) {
+        const int64_t n = std::min<int64_t>(kWidth, C - c);
+        const vfloat s = load_partial(s_row + c, n);
+        row_total += lanes_below(n) ? exp(scale * s - m) : splat(0.0f);
+        store(sum_c + c, load(sum_c + c) + exp(load(scale_c + c) * s - load(new_max_c + c)));
+      }
+      // Before the first tile row_max = -inf and row_sum = 0: exp(-inf) = 0 keeps the product 0.
+      row_sum[r] = row_sum[r] * std::exp(row_max[r] - new_max_r[r]) + horizontal_sum(row_total);
+      row_max[r] = new_max_r[r];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      col_sum[c] = col_sum[c] * std::exp(old_max_c[c] - new_max_c[c]) + sum_c[c];
+      col_max[c] = new_max_c[c];
+    }
+  }
+};
+
+// CLIP backward: G = row_weight * row_scale * p + col_weight * col_scale * q for one tile, where
+// p = exp(row_scale * S - row_lse) and q = exp(col_scale * S - col_lse); accumulates sum_j p S into row_ps and
+// sum_i q S into col_qs (the weights are applied once, at the end).
+struct ClipBackwardTile {
+  const float* similarity;
+  int64_t rows, cols;
+  const float* row_scale;
+  const float* col_scale;
+  const float* row_lse;
+  const float* col_lse;
+  const float* row_weight;
+  const float* col_weight;
+  float* weights;  // G, R x C
+  float* row_ps;
+  float* col_qs;
+
+  LEANOPS_INLINE void operator()() const {
+    alignas(32) float scale_c[kBlock];
+    alignas(32) float lse_c[kBlock];
+    alignas(32) float coefficient_c[kBlock];
+    alignas(32) float qs_c[kBlock];
+    const int64_t C = cols;
+    copy_padded(scale_c, col_scale, C, 0.0f);
+    copy_padded(lse_c, col_lse, C, 0.0f);
+    for (int64_t c = 0; c < kBlock; ++c) {
+      coefficient_c[c] = c < C ? col_weight[c] * scale_c[c] : 0.0f;
+      qs_c[c] = 0.0f;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s_row = similarity + r * C;
+      float* g_row = weights + r * C;
+      const vfloat scale = splat(row_scale[r]);
+      const vfloat lse = splat(row_lse[r]);
+      const vfloat coefficient_r = splat(row_weight[r] * row_scale[r]);
+      vfloat ps = splat(0.0f);
+      for (int64_t c = 0; c < C; c += kWidth) {
+        const int64_t n = std::min<int64_t>(kWidth, C - c);
+        const vfloat s = load_partial(s_row + c, n);
+        const vfloat p = exp(scale * s - lse);
+        const vfloat q = exp(load(scale_c + c) * s - load(lse_c + c));
+        store_partial(g_row + c, coefficient_r * p + load(coefficient_c + c) * q, n);
+        ps += lanes_below(n) ? p * s : splat(0.0f);
+        store(qs_c + c, load(qs_c + c) + q * s);
+      }
+      row_ps[r] += horizontal_sum(ps);
+    }
+    for (int64_t c = 0; c < C; ++c) col_qs[c] += qs_c[c];
+  }
+};
+
+// Group ids of one tile's columns, padded (the padding lanes are masked out of every row reduction).
+LEANOPS_INLINE void copy_padded_groups(int32_t* out, const int32_t* in, int64_t n) {
+  int64_t c = 0;
+  for (; c < n; ++c) out[c] = in[c];
+  for (; c < kBlock; ++c) out[c] = 0;
+}
+
+// SigLIP forward: row_loss[r] += sum_c softplus(-label * (scale * S + bias)).
+struct SiglipForwardTile {
+  const float* similarity;
+  int64_t rows, cols;
+  float scale, bias;
+  const int32_t* row_group;  // dense group ids (see dense_group_ids)
+  const int32_t* col_group;
+  float* row_loss;
+
+  LEANOPS_INLINE void operator()() const {
+    alignas(32) int32_t group_c[kBlock];
+    const int64_t C = cols;
+    copy_padded_groups(group_c, col_group, C);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s_row = similarity + r * C;
+      const vint group = splat_int(row_group[r]);
+      vfloat total = splat(0.0f);
+      for (int64_t c = 0; c < C; c += kWidth) {
+        const int64_t n = std::min<int64_t>(kWidth, C - c);
+        const vfloat z = load_partial(s_row + c, n) * scale + bias;
+        const vfloat t = load_int(group_c + c) == group ? -z : z;  // -label * z
+        total += lanes_below(n) ? softplus(t) : splat(0.0f);
+      }
+      row_loss[r] += horizontal_sum(total);
+    }
+  }
+};
+
+// SigLIP backward: D = -row_weight * label * sigmoid(-label * z) for one tile, z = scale * S + bias; accumulates
+// sum_c D and sum_c D S per row.
+struct SiglipBackwardTile {
+  const float* similarity;
+  int64_t rows, cols;
+  float scale, bias;
+  const int32_t* row_group;
+  const int32_t* col_group;
+  const float* row_weight;
+  float* weights;  // D, R x C
+  float* row_d;
+  float* row_ds;
+
+  LEANOPS_INLINE void operator()() const {
+    alignas(32) int32_t group_c[kBlock];
+    const int64_t C = cols;
+    copy_padded_groups(group_c, col_group, C);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s_row = similarity + r * C;
+      float* d_row = weights + r * C;
+      const vint group = splat_int(row_group[r]);
+      const vfloat weight = splat(row_weight[r]);
+      vfloat d_total = splat(0.0f);
+      vfloat ds_total = splat(0.0f);
+      for (int64_t c = 0; c < C; c += kWidth) {
+        const int64_t n = std::min<int64_t>(kWidth, C - c);
+        const vfloat s = load_partial(s_row + c, n);
+        const vfloat z = s * scale + bias;
+        const vint same = load_int(group_c + c) == group;
+        const vfloat sig = sigmoid(same ? -z : z);
+        const vfloat d = same ? -weight * sig : weight * sig;
+        store_partial(d_row + c, d, n);
+        const vint valid = lanes_below(n);
+        d_total += valid ? d : splat(0.0f);
+        ds_total += valid ? d * s : splat(0.0f);
+      }
+      row_d[r] += horizontal_sum(d_total);
+      row_ds[r] += horizontal_sum(ds_total);
+    }
+  }
+};
+
+template <typename Epilogue>
+void run_epilogue_baseline(const Epilogue& epilogue) {
+  epilogue();
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LEANOPS_HAVE_AVX2_CLONE 1
+template <typename Epilogue>
+__attribute__((target("avx2,fma"))) void run_epilogue_avx2(const Epilogue& epilogue) {
+  epilogue();
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+template <typename Epilogue>
+void run_epilogue(const Epilogue& epilogue) {
+#ifdef LEANOPS_HAVE_AVX2_CLONE
+  if (cpu_has_avx2()) {
+    run_epilogue_avx2(epilogue);
+    return;
+  }
+#endif
+  run_epilogue_baseline(epilogue);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tile matmuls through ATen's CPU kernels (at::cpu:: calls the CPU implementation directly: no dispatcher, no
+// autograd, safe in worker threads; inside at::parallel_for the BLAS runs single-threaded). Operands are wrapped
+// with from_blob, which costs a TensorImpl and no copy.
+
+at::Tensor wrap(const float* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<float*>(data), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// The transpose (cols x rows) of the row-major rows x cols matrix at `data`.
+at::Tensor wrap_transposed(const float* data, int64_t rows, int64_t cols) {
+  return at::from_blob(const_cast<float*>(data), {cols, rows}, {1, cols}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// Row-major (B, D) fp32 features and the block of rows [first, first + count).
+struct Features {
+  const float* data;
+  int64_t dim;
+  at::Tensor block(int64_t first, int64_t count) const { return wrap(data + first * dim, count, dim); }
+  at::Tensor block_transposed(int64_t first, int64_t count) const {
+    return wrap_transposed(data + first * dim, count, dim);
+  }
+};
+
+// similarity (R x C, leading dimension C) = x[i0 : i0 + R] @ y[j0 : j0 + C]^T.
+void similarity_tile(const Features& x, int64_t i0, int64_t R, const Features& y, int64_t j0, int64_t C,
+                     float* similarity) {
+  if (x.dim == 0) {
+    std::fill_n(similarity, R * C, 0.0f);  // empty dot products; not left to the BLAS's handling of k = 0
+    return;
+  }
+  at::Tensor out = wrap(similarity, R, C);
+  at::cpu::mm_out(out, x.block(i0, R), y.block_transposed(j0, C));
+}
+
+// grad_x[i0 : i0 + R] += alpha * G @ y[j0 : j0 + C]; grad_y[j0 : j0 + C] += alpha * G^T @ x[i0 : i0 + R].
+void accumulate_gradients(const float* weights, float alpha, const Features& x, int64_t i0, int64_t R,
+                          const Features& y, int64_t j0, int64_t C, float* grad_x, float* grad_y) {
+  if (x.dim == 0) return;
+  const at::Tensor g = wrap(weights, R, C);
+  const at::Tensor g_transposed = wrap_transposed(weights, R, C);
+  at::Tensor grad_x_block = wrap(grad_x + i0 * x.dim, R, x.dim);
+  at::Tensor grad_y_block = wrap(grad_y + j0 * y.dim, C, y.dim);
+  at::cpu::addmm_out(grad_x_block, grad_x_block, g, y.block(j0, C), /*beta=*/1.0f, /*alpha=*/alpha);
+  at::cpu::addmm_out(grad_y_block, grad_y_block, g_transposed, x.block(i0, R), /*beta=*/1.0f, /*alpha=*/alpha);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Schedules.
+
+struct TileScratch {
+  std::unique_ptr<float[]> similarity{new float[kBlock * kBlock]};
+  std::unique_ptr<float[]> weights;  // allocated by the backward passes only
+};
+
+int64_t num_blocks(int64_t batch) { return (batch + kBlock - 1) / kBlock; }
+
+// Calls fn(i0, R, j0, C, scratch) for every (row block, column block) pair, in diagonals of block groups: within
+// one parallel step no two tasks share a row block or a column block (see the file comment).
+template <typename Fn>
+void for_each_tile_by_diagonals(int64_t batch, bool with_weights, const Fn& fn) {
+  const int64_t blocks = num_blocks(batch);
+  const int64_t groups = std::min<int64_t>(blocks, std::max(1, at::get_num_threads()));
+  // Group g holds blocks [g * blocks / groups, (g + 1) * blocks / groups): sizes differ by at most one block.
+  const auto group_begin = [&](int64_t g) { return g * blocks / groups * kBlock; };
+  for (int64_t step = 0; step < groups; ++step) {
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      TileScratch scratch;
+      if (with_weights) scratch.weights.reset(new float[kBlock * kBlock]);
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t h = (g + step) % groups;
+        for (int64_t i0 = group_begin(g); i0 < group_begin(g + 1); i0 += kBlock) {
+          for (int64_t j0 = group_begin(h); j0 < group_begin(h + 1); j0 += kBlock) {
+            fn(i0, std::min(kBlock, batch - i0), j0, std::min(kBlock, batch - j0), scratch);
+          }
+        }
+      }
+    });
+  }
+}
+
+// Calls fn(i0, R, j0, C, scratch) for every tile, in parallel over row blocks; a task sweeps all column blocks.
+template <typename Fn>
+void for_each_tile_by_rows(int64_t batch, const Fn& fn) {
+  const int64_t blocks = num_blocks(batch);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    TileScratch scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t i0 = i * kBlock;
+      for (int64_t j0 = 0; j0 < batch; j0 += kBlock) {
+        fn(i0, std::min(kBlock, batch - i0), j0, std::min(kBlock, batch - j0), scratch);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops.
+
+at::Tensor float32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+at::Tensor empty_float32(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::empty(sizes, like.options().dtype(at::kFloat));
+}
+
+Features features_of(const at::Tensor& fp32) { return Features{fp32.const_data_ptr<float>(), fp32.size(1)}; }
+
+std::tuple<at::Tensor, at::Tensor> clip_forward(const at::Tensor& image, const at::Tensor& text,
+                                                const at::Tensor& scale) {
+  check_clip_forward(image, text, scale);
+  const int64_t batch = image.size(0);
+  at::Tensor row_lse = empty_float32(image, {batch});
+  at::Tensor col_lse = empty_float32(image, {batch});
+  const at::Tensor x32 = float32_contiguous(image);
+  const at::Tensor y32 = float32_contiguous(text);
+  const at::Tensor scale32 = scale.contiguous();
+  const Features x = features_of(x32);
+  const Features y = features_of(y32);
+  const float* scale_data = scale32.const_data_ptr<float>();
+  std::vector<float> row_max(batch, -kInfinity), row_sum(batch, 0.0f);
+  std::vector<float> col_max(batch, -kInfinity), col_sum(batch, 0.0f);
+
+  for_each_tile_by_diagonals(batch, /*with_weights=*/false,
+                             [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
+                               similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
+                               run_epilogue(ClipForwardTile{scratch.similarity.get(), R, C, scale_data + i0,
+                                                            scale_data + j0, row_max.data() + i0,
+                                                            row_sum.data() + i0, col_max.data() + j0,
+                                                            col_sum.data() + j0});
+                             });
+
+  float* row_out = row_lse.mutable_data_ptr<float>();
+  float* col_out = col_lse.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < batch; ++k) {
+    row_out[k] = row_max[k] + std::log(row_sum[k]);
+    col_out[k] = col_max[k] + std::log(col_sum[k]);
+  }
+  return {row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward(const at::Tensor& image, const at::Tensor& text,
+                                                             const at::Tensor& scale, const at::Tensor& row_lse,
+                                                             const at::Tensor& col_lse, const at::Tensor& row_weight,
+                                                             const at::Tensor& col_weight) {
+  check_clip_backward(image, text, scale, row_lse, col_lse, row_weight, col_weight);
+  const int64_t batch = image.size(0);
+  at::Tensor grad_image = at::zeros(image.sizes(), image.options().dtype(at::kFloat));
+  at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
+  at::Tensor grad_scale = empty_float32(image, {batch});
+  const at::Tensor x32 = float32_contiguous(image);
+  const at::Tensor y32 = float32_contiguous(text);
+  const at::Tensor scale32 = scale.contiguous(), row_lse32 = row_lse.contiguous(), col_lse32 = col_lse.contiguous();
+  const at::Tensor row_weight32 = row_weight.contiguous(), col_weight32 = col_weight.contiguous();
+  const Features x = features_of(x32);
+  const Features y = features_of(y32);
+  const float* scale_data = scale32.const_data_ptr<float>();
+  const float* row_lse_data = row_lse32.const_data_ptr<float>();
+  const float* col_lse_data = col_lse32.const_data_ptr<float>();
+  const float* row_weight_data = row_weight32.const_data_ptr<float>();
+  const float* col_weight_data = col_weight32.const_data_ptr<float>();
+  float* grad_image_data = grad_image.mutable_data_ptr<float>();
+  float* grad_text_data = grad_text.mutable_data_ptr<float>();
+  // The row and column parts of grad_scale are written by different tasks of one step: separate arrays.
+  std::vector<float> row_ps(batch, 0.0f), col_qs(batch, 0.0f);
+
+  for_each_tile_by_diagonals(
+      batch, /*with_weights=*/true, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
+        similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
+        run_epilogue(ClipBackwardTile{scratch.similarity.get(), R, C, scale_data + i0, scale_data + j0,
+                                      row_lse_data + i0, col_lse_data + j0, row_weight_data + i0,
+                                      col_weight_data + j0, scratch.weights.get(), row_ps.data() + i0,
+                                      col_qs.data() + j0});
+        accumulate_gradients(scratch.weights.get(), 1.0f, x, i0, R, y, j0, C, grad_image_data, grad_text_data);
+      });
+
+  float* grad_scale_data = grad_scale.mutable_data_ptr<float>();
+  for (int64_t k = 0; k < batch; ++k) {
+    grad_scale_data[k] = row_weight_data[k] * row_ps[k] + col_weight_data[k] * col_qs[k];
+  }
+  return {grad_image, grad_text, grad_scale};
+}
+
+// Group ids as dense int32 (equal ids stay equal, distinct stay distinct), so the label test in the epilogue
+// compares 32-bit lanes alongside the 32-bit floats and vectorises.
+at::Tensor dense_group_ids(const at::Tensor& groups) {
+  const at::Tensor inverse = std::get<1>(at::_unique(groups, /*sorted=*/true, /*return_inverse=*/true));
+  return inverse.to(at::kInt).contiguous();
+}
+
+at::Tensor siglip_forward(const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale,
+                          const at::Tensor& bias, const at::Tensor& groups) {
+  check_siglip_forward(image, text, scale, bias, groups);
+  const int64_t batch = image.size(0);
+  at::Tensor row_loss = at::zeros({batch}, image.options().dtype(at::kFloat));
+  if (batch == 0) return row_loss;
+  const at::Tensor x32 = float32_contiguous(image);
+  const at::Tensor y32 = float32_contiguous(text);
+  const Features x = features_of(x32);
+  const Features y = features_of(y32);
+  const float scale_value = scale.item<float>();
+  const float bias_value = bias.item<float>();
+  const at::Tensor group_ids = dense_group_ids(groups);
+  const int32_t* group_data = group_ids.const_data_ptr<int32_t>();
+  float* row_loss_data = row_loss.mutable_data_ptr<float>();
+
+  // Only row outputs: each task owns its row block for the whole sweep.
+  for_each_tile_by_rows(batch, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
+    similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
+    run_epilogue(SiglipForwardTile{scratch.similarity.get(), R, C, scale_value, bias_value, group_data + i0,
+                                   group_data + j0, row_loss_data + i0});
+  });
+  return row_loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const at::Tensor& image,
+                                                                           const at::Tensor& text,
+                                                                           const at::Tensor& scale,
+                                                                           const at::Tensor& bias,
+                                                                           const at::Tensor& groups,
+                                                                           const at::Tensor& row_weight) {
+  check_siglip_backward(image, text, scale, bias, groups, row_weight);
+  const int64_t batch = image.size(0);
+  at::Tensor grad_image = at::zeros(image.sizes(), image.options().dtype(at::kFloat));
+  at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
+  at::Tensor grad_scale = empty_float32(image, {});
+  at::Tensor grad_bias = empty_float32(image, {});
+  const at::Tensor x32 = float32_contiguous(image);
+  const at::Tensor y32 = float32_contiguous(text);
+  const Features x = features_of(x32);
+  const Features y = features_of(y32);
+  const float scale_value = scale.item<float>();
+  const float bias_value = bias.item<float>();
+  const at::Tensor group_ids = dense_group_ids(groups);
+  const int32_t* group_data = group_ids.const_data_ptr<int32_t>();
+  const at::Tensor row_weight32 = row_weight.contiguous();
+  const float* row_weight_data = row_weight32.const_data_ptr<float>();
+  float* grad_image_data = grad_image.mutable_data_ptr<float>();
+  float* grad_text_data = grad_text.mutable_data_ptr<float>();
+  std::vector<float> row_d(batch, 0.0f), row_ds(batch, 0.0f);
+
+  for_each_tile_by_diagonals(
+      batch, /*with_weights=*/true, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
+        similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
+        run_epilogue(SiglipBackwardTile{scratch.similarity.get(), R, C, scale_value, bias_value, group_data + i0,
+                                        group_data + j0, row_weight_data + i0, scratch.weights.get(),
+                                        row_d.data() + i0, row_ds.data() + i0});
+        accumulate_gradients(scratch.weights.get(), scale_value, x, i0, R, y, j0, C, grad_image_data,
+                             grad_text_data);
+      });
+
+  // B per-row partials: summed in double, which costs nothing at this size.
+  double d_total = 0.0, ds_total = 0.0;
+  for (int64_t k = 0; k < batch; ++k) {
+    d_total += row_d[k];
+    ds_total += row_ds[k];
+  }
+  grad_scale.fill_(static_cast<float>(ds_total));
+  grad_bias.fill_(static_cast<float>(d_total));
+  return {grad_image, grad_text, grad_scale, grad_bias};
+}
+
+}  // namespace
+}  // namespace contrastive
+}  // namespace leanops
+
+TORCH_LIBRARY_IMPL(leanops, CPU, m) {
+  m.impl("clip_forward", &leanops::contrastive::clip_forward);
+  m.impl("clip_backward", &leanops::contrastive::clip_backward);
+  m.impl("siglip_forward", &leanops::contrastive::siglip_forward);
+  m.impl("siglip_backward", &leanops::contrastive::siglip_backward);
+}

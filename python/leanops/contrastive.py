@@ -1,0 +1,258 @@
+"""Blockwise contrastive (CLIP / InfoNCE) and sigmoid (SigLIP) losses with O(B·D) memory.
+
+Both losses look at all B x B image-text pairs. Plain PyTorch builds that similarity matrix (48 GiB at B=65536 in
+bf16 for SigLIP); here it never exists, forward or backward: the kernels walk it in tiles, keeping per-row
+statistics (a running max and log-sum-exp in float32), and the backward pass recomputes the tiles from them.
+
+CLIP (open_clip's ``ClipLoss``, Radford et al. 2021), with S[i, j] = <x_i, y_j> and per-anchor scales s:
+
+    l_i2t[i] = logsumexp_j(s_i S[i, j]) - mean_{j in P(i)} s_i S[i, j]
+    l_t2i[j] = logsumexp_i(s_j S[i, j]) - mean_{i in P(j)} s_j S[i, j]
+    loss     = 1/2 (mean_i l_i2t[i] + mean_j l_t2i[j])
+
+where P(i) are i's positives: i itself, or (with group ``labels``) every sample of its group, the target distribution
+being uniform over them (soft-target cross-entropy; duplicate captions). The positive terms are sums over groups,
+O(B·D) work outside the kernels.
+
+SigLIP (open_clip's ``SigLipLoss``, Zhai et al. 2023): z = s S + b, label +1 for positives and -1 otherwise,
+
+    loss = -sum_ij log sigmoid(label_ij z_ij) / B,
+
+with the gradients of s and b reduced inside the kernels.
+"""
+import math
+
+import torch
+
+from . import _extension, _validation, backends
+from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
+from .reference import contrastive as reference_contrastive
+
+Tensor = torch.Tensor
+
+FEATURE_DTYPES = backends.KERNEL_DTYPES + (torch.float64,)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _compiled_backends_with(operator: str) -> tuple[str, ...]:
+    """The backends of leanops._C that registered a kernel for `operator` (a stale or partial build may lack one)."""
+    if not _extension.extension_loaded() or not hasattr(torch.ops.leanops, operator):
+        return ()
+    return tuple(backend for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops::{operator}", key))
+
+
+# Backends that have the contrastive kernels, fixed at import (the CUDA kernels are still to come).
+IMPLEMENTED = ("reference", "triton") + _compiled_backends_with("clip_forward")
+
+
+def _primitives(backend: str):
+    """The namespace of blockwise primitives that serves `backend`."""
+    if backend == "triton":
+        return torch.ops.leanops_triton
+    if backend in ("cpu", "cuda"):
+        return torch.ops.leanops
+    return torch.ops.leanops_reference
+
+
+def _check_features(op: str, image_features, text_features) -> None:
+    _validation.check_tensor(op, "image_features", image_features, FEATURE_DTYPES)
+    _validation.check_like(op, "text_features", text_features, "image_features", image_features)
+    if image_features.dim() != 2:
+        raise ValueError(f"{op}: argument 'image_features' must be 2-D (B, D), got shape "
+                         f"{tuple(image_features.shape)}")
+    if image_features.shape[0] == 0:
+        raise ValueError(f"{op}: argument 'image_features' is an empty batch (B = 0): the loss is undefined")
+    if image_features.shape[1] == 0:
+        raise ValueError(f"{op}: argument 'image_features' has no feature dimension (D = 0)")
+
+
+def _check_reduction(op: str, reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: argument 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_labels(op: str, labels, batch: int, device: torch.device) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{op}: argument 'labels' must be a torch.Tensor of int64 group ids, got "
+                        f"{type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{op}: argument 'labels' must have dtype torch.int64, got {labels.dtype}")
+    if labels.shape != (batch,):
+        raise ValueError(f"{op}: argument 'labels' must have shape ({batch},), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{op}: argument 'labels' is on {labels.device} but 'image_features' is on {device}")
+
+
+def _eager_values_check(tensor: Tensor) -> bool:
+    """Checking values needs a device sync and cannot be traced: done in eager mode only."""
+    return not torch.compiler.is_compiling() and tensor.device.type != "meta"
+
+
+def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: bool, positive: bool) -> Tensor:
+    """`value` (a number, a 0-dim tensor, or, where allowed, a (B,) tensor) as a float32 tensor on like's device,
+    keeping its autograd history. Non-finite (and, where `positive`, non-positive) values are refused."""
+    batch = like.shape[0]
+    requirement = "finite and positive" if positive else "finite"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ValueError(f"{op}: argument '{name}' must be {requirement}, got {value!r}")
+        return torch.full((), float(value), dtype=torch.float32, device=like.device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a number or a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{op}: argument '{name}' must be a floating tensor, got dtype {value.dtype}")
+    shapes = "a 0-dim tensor or a (B,) tensor" if allow_vector else "a 0-dim tensor"
+    if not (value.dim() == 0 or (allow_vector and value.shape == (batch,))):
+        raise ValueError(f"{op}: argument '{name}' must be {shapes} (B = {batch}), got shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{op}: argument '{name}' is on {value.device} but 'image_features' is on {like.device}")
+    if _eager_values_check(value):
+        bad = ~torch.isfinite(value)
+        if positive:
+            bad |= value <= 0
+        if bool(bad.any()):
+            raise ValueError(f"{op}: argument '{name}' must be {requirement}, got {value.detach().cpu()}")
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return value.to(dtype)
+
+
+def _group_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For each sample, the sum of `features` over its group and the group's size, in static shapes (B, D), (B,).
+
+    Every sample points at the first sorted position of its group id, a representative in [0, B) shared by the
+    group; index_add over those representatives sums each group without a dynamic number of groups."""
+    sorted_labels, _ = torch.sort(labels)
+    representative = torch.searchsorted(sorted_labels, labels)
+    sums = torch.zeros_like(features).index_add_(0, representative, features)
+    counts = torch.zeros(labels.shape[0], dtype=features.dtype, device=features.device)
+    counts = counts.index_add_(0, representative, torch.ones_like(counts))
+    return sums[representative], counts[representative]
+
+
+def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
+
+
+def _clip_from_primitives(primitives, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
+    """The CLIP loss from the blockwise primitives plus O(B·D) positive terms (module docstring)."""
+    batch = image.shape[0]
+    accumulate = scale.dtype
+    per_anchor_scale = scale.expand(batch).contiguous()
+    row_lse, col_lse = primitives.clip_forward(image, text, per_anchor_scale)
+    x, y = image.to(accumulate), text.to(accumulate)
+    if labels is None:
+        positive = per_anchor_scale * (x * y).sum(dim=1)
+        positive_i2t, positive_t2i = positive, positive
+    else:
+        text_group_sums, group_sizes = _group_sums(y, labels)
+        image_group_sums, _ = _group_sums(x, labels)
+        positive_i2t = per_anchor_scale * (x * text_group_sums).sum(dim=1) / group_sizes
+        positive_t2i = per_anchor_scale * (y * image_group_sums).sum(dim=1) / group_sizes
+    per_anchor = 0.5 * ((row_lse - positive_i2t) + (col_lse - positive_t2i))
+    return _reduce(per_anchor, reduction)
+
+
+def _siglip_from_primitives(primitives, image, text, scale: Tensor, bias: Tensor, labels, reduction: str) -> Tensor:
+    groups = torch.arange(image.shape[0], device=image.device) if labels is None else labels
+    per_image = primitives.siglip_forward(image, text, scale, bias, groups)
+    return _reduce(per_image, reduction)
+
+
+def _clip_arguments(op: str, image_features, text_features, logit_scale, labels, reduction) -> Tensor:
+    """Check every CLIP argument (before any kernel runs); return the scale as a float32 (float64) tensor."""
+    _check_features(op, image_features, text_features)
+    _check_reduction(op, reduction)
+    _check_labels(op, labels, image_features.shape[0], image_features.device)
+    return _scalar_parameter(op, "logit_scale", logit_scale, image_features, allow_vector=True, positive=True)
+
+
+def _siglip_arguments(op: str, image_features, text_features, logit_scale, logit_bias, labels,
+                      reduction) -> tuple[Tensor, Tensor]:
+    """Check every SigLIP argument; return the scale and bias as float32 (float64) 0-dim tensors."""
+    _check_features(op, image_features, text_features)
+    _check_reduction(op, reduction)
+    _check_labels(op, labels, image_features.shape[0], image_features.device)
+    scale = _scalar_parameter(op, "logit_scale", logit_scale, image_features, allow_vector=False, positive=True)
+    bias = _scalar_parameter(op, "logit_bias", logit_bias, image_features, allow_vector=False, positive=False)
+    return scale, bias
+
+
+# `auto` on a GPU: Triton first until the H100 benchmark (`leanops bench clip`) has measured both GPU backends; the
+# faster one goes first then (benchmarks/results/contrastive.md).
+PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+def _resolve(op: str, backend: str, features: Tensor) -> str:
+    return backends.resolve(op, backend, features.device, features.dtype, preference=PREFERENCE,
+                            implemented=IMPLEMENTED)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, labels: Tensor | None = None,
+              reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """CLIP / InfoNCE loss, 1/2 (image->text + text->image cross-entropy), without the B x B logits.
+
+    Args:
+        image_features, text_features: (B, D) tensors of one dtype (bfloat16, float16, float32; float64 on the
+            reference), B >= 1, D >= 1; normalised or not.
+        logit_scale: the multiplier itself (open_clip passes ``logit_scale.exp()``): a number, a 0-dim tensor
+            (learnable: it gets a gradient), or a (B,) tensor of per-anchor scales (each row of both directions
+            uses its anchor's scale).
+        labels: None (i pairs with i), or (B,) int64 group ids: all pairs with equal ids are positives and each
+            row's target is uniform over its positives.
+        reduction: "mean" (open_clip's value), "sum", or "none" for the (B,) vector 1/2 (l_i2t + l_t2i).
+    Returns:
+        The loss in float32 (float64 for float64 features). Gradients flow to both features and the scale.
+    """
+    op = "leanops.clip_loss"
+    scale = _clip_arguments(op, image_features, text_features, logit_scale, labels, reduction)
+    chosen = _resolve(op, backend, image_features)
+    if chosen == "reference":
+        return reference_contrastive.clip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype), scale,
+                                               labels, reduction)
+    return _clip_from_primitives(_primitives(chosen), image_features, text_features, scale, labels, reduction)
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                labels: Tensor | None = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """SigLIP loss, -sum_ij log sigmoid(label_ij (s <x_i, y_j> + b)) / B, without the B x B logits.
+
+    Args:
+        image_features, text_features: (B, D) tensors of one dtype, B >= 1, D >= 1.
+        logit_scale, logit_bias: numbers or 0-dim tensors (learnable: their gradients are reduced in the kernels).
+        labels: None (the diagonal is positive) or (B,) int64 group ids (equal ids are positives).
+        reduction: "mean" (open_clip's value: the sum over pairs divided by B), "sum", or "none" for the (B,)
+            per-image sums.
+    """
+    op = "leanops.siglip_loss"
+    scale, bias = _siglip_arguments(op, image_features, text_features, logit_scale, logit_bias, labels, reduction)
+    chosen = _resolve(op, backend, image_features)
+    if chosen == "reference":
+        return reference_contrastive.siglip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype),
+                                                 scale, bias, labels, reduction)
+    return _siglip_from_primitives(_primitives(chosen), image_features, text_features, scale, bias, labels,
+                                   reduction)
+
+
+def clip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_scale, *,
+                        labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """``clip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
+    scale = _clip_arguments("leanops.clip_loss_blockwise", image_features, text_features, logit_scale, labels,
+                            reduction)
+    return _clip_from_primitives(torch.ops.leanops_reference, image_features, text_features, scale, labels,
+                                 reduction)
+
+
+def siglip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+                          labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """``siglip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
+    scale, bias = _siglip_arguments("leanops.siglip_loss_blockwise", image_features, text_features, logit_scale,
+                                    logit_bias, labels, reduction)
+    return _siglip_from_primitives(torch.ops.leanops_reference, image_features, text_features, scale, bias, labels,
+                                   reduction)
