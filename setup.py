@@ -64,7 +64,9 @@ def _extension_modules():
     # reassociation, no flush-to-zero (see csrc/include/leanops/eft.h).
     # -fvisibility=hidden: the module exports only PyInit__C (the operators register through static initialisers),
     # so calls between our inline functions stay direct instead of going through the PLT.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fvisibility=hidden",
+    # -fopenmp: at::parallel_for in our CPU kernels runs serially unless the extension itself is built with OpenMP
+    # (torch's own parallel backend is OpenMP; the module then shares torch's libgomp and thread pool).
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fvisibility=hidden", "-fopenmp",
                  f"-DLEANOPS_WITH_CUDA={int(with_cuda)}",
                  f'-DLEANOPS_BUILT_WITH_TORCH="{torch.__version__}"']
     nvcc_flags = ["-O3", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true",
@@ -76,10 +78,11 @@ def _extension_modules():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extension = cpp_extension.CUDAExtension(
             "leanops._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=["-fopenmp"])
     else:
         extension = cpp_extension.CppExtension(
-            "leanops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+            "leanops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"])
 
     strict = _env_flag("LEANOPS_BUILD_STRICT") or False
 

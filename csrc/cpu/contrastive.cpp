@@ -21,9 +21,11 @@
 // for a given thread count; the order in which a row meets its column blocks (hence the last bits) depends on P.
 // siglip_forward has only row outputs: it runs over row blocks, each sweeping all column blocks.
 //
-// at::parallel_for parallelises only where this file is compiled with OpenMP (-fopenmp; ATen/ParallelOpenMP.h
-// runs the loop serially otherwise). Inside a parallel region the tile matmuls run single-threaded; outside one,
-// MKL threads each of them itself.
+// at::parallel_for parallelises only where this file is compiled with OpenMP (-fopenmp: ATen/ParallelOpenMP.h runs
+// the loop serially otherwise). Inside its OpenMP region each tile matmul runs single-threaded, as it should. Built
+// without OpenMP, the tiles run one after another and MKL splits each small tile matmul over all of torch's threads,
+// which is slower than one thread, and far slower on shared cores (measured on 2 shared cores: 190 s instead of
+// 3 s for clip_forward + clip_backward at B = 16384, D = 64).
 //
 // Input dtype. bf16/fp16 features are converted to fp32 once, up front (O(B * D) extra memory, small next to the
 // B x B the op avoids): converting block by block would redo the conversion of every text block for every row
