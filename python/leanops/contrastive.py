@@ -132,14 +132,6 @@ def _group_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return sums[representative], counts[representative]
 
 
-def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
-    if reduction == "mean":
-        return per_anchor.mean()
-    if reduction == "sum":
-        return per_anchor.sum()
-    return per_anchor
-
-
 def _clip_from_primitives(primitives, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
     """The CLIP loss from the blockwise primitives plus O(B·D) positive terms (module docstring)."""
     batch = image.shape[0]
@@ -156,13 +148,13 @@ def _clip_from_primitives(primitives, image, text, scale: Tensor, labels, reduct
         positive_i2t = per_anchor_scale * (x * text_group_sums).sum(dim=1) / group_sizes
         positive_t2i = per_anchor_scale * (y * image_group_sums).sum(dim=1) / group_sizes
     per_anchor = 0.5 * ((row_lse - positive_i2t) + (col_lse - positive_t2i))
-    return _reduce(per_anchor, reduction)
+    return reference_contrastive.apply_reduction(per_anchor, reduction)
 
 
 def _siglip_from_primitives(primitives, image, text, scale: Tensor, bias: Tensor, labels, reduction: str) -> Tensor:
     groups = torch.arange(image.shape[0], device=image.device) if labels is None else labels
     per_image = primitives.siglip_forward(image, text, scale, bias, groups)
-    return _reduce(per_image, reduction)
+    return reference_contrastive.apply_reduction(per_image, reduction)
 
 
 def _clip_arguments(op: str, image_features, text_features, logit_scale, labels, reduction) -> Tensor:

@@ -48,7 +48,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, labels
         targets = mask / mask.sum(dim=1, keepdim=True)
     per_anchor = 0.5 * (F.cross_entropy(logits_i2t, targets, reduction="none")
                         + F.cross_entropy(logits_t2i, targets, reduction="none"))
-    return _reduce(per_anchor, reduction)
+    return apply_reduction(per_anchor, reduction)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
@@ -61,10 +61,11 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     logits = logit_scale * (image_features @ text_features.T) + logit_bias
     signs = 2 * positive_mask(labels, batch, logits.device).to(logits.dtype) - 1
     per_image = -F.logsigmoid(signs * logits).sum(dim=1)
-    return _reduce(per_image, reduction)
+    return apply_reduction(per_image, reduction)
 
 
-def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+def apply_reduction(per_anchor: Tensor, reduction: str) -> Tensor:
+    """The mean, the sum, or (reduction="none") the per-anchor vector itself."""
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":
