@@ -11,9 +11,10 @@ for ill-conditioned inputs: with scale 100 and unnormalised features the logits 
 of S moves exp(logit - lse) by percents. SigLIP's two scalar gradients are signed sums that may cancel, so their
 errors are measured relative to sum |D S| and sum |D|, the size of their terms.
 
-Sizes: B in {1, 2, 37, 130, 1000} and D in {1, 3, 70, 512}. Only D = 512 is a multiple of the kernels' 32-dimension
-chunk and of the 16-byte vector (their vector-load path); no B is a multiple of the 64-row tile except through B = 1
-padding. One test takes a batch large enough that each CTA of clip_forward owns several row blocks.
+Sizes: B in {1, 2, 37, 130, 1000} and D in {1, 3, 70, 512}. No B is a multiple of the kernels' 64-row tile; only
+D = 512 is a multiple of their 32-dimension chunk and of the 16-byte vector (the vector-load path; a misaligned copy
+takes the scalar path and must give bitwise the same results). One test takes a batch large enough that each CTA of
+clip_forward owns several row blocks.
 """
 import pytest
 import torch

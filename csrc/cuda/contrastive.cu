@@ -19,9 +19,9 @@
 // TF32: the results must match float32 arithmetic to ~1e-6). bfloat16 / float16 features take the tensor cores
 // through WMMA (16 x 16 x 16, float32 accumulators): their products are exact in float32, so S is as accurate as for
 // float32 features. Both paths sum each 32-dimension chunk into a fresh partial and add the partials with float32
-// adds, which bounds the tensor cores' truncating accumulation to one chunk and makes S at least as accurate as a
-// plain float32 dot product. The "epilogue" then runs over the tile in shared memory; every statistic accumulates in
-// float32.
+// adds, which confines the tensor cores' internal accumulation (not round-to-nearest on every add) to one chunk and
+// makes S at least as accurate as a plain float32 dot product. The "epilogue" then runs over the tile in shared
+// memory; every statistic accumulates in float32. B = 0 returns empty outputs (zero scalars) without a launch.
 //
 //   clip_forward   one kernel over row blocks; a CTA sweeps every column block, keeping each row's running max
 //                  and sum of exponentials, and from the same tile each column's max and sum over the tile's 64 rows.
