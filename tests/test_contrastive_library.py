@@ -46,6 +46,18 @@ def test_opcheck_primitives(backend, device):
         torch.library.opcheck(operator, args)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_opcheck_clip_per_anchor(backend, device):
+    """The operator that joins the clip primitives with the positive terms (custom_ops/clip_loss.py)."""
+    _require(backend, device)
+    image, text, scale, groups, _ = _samples(device)
+    operator = torch.ops.leanops_loss.clip_per_anchor.default
+    for labels in (None, groups):
+        torch.library.opcheck(operator, (image, text, scale, labels, NAMESPACE[backend]))
+        torch.library.opcheck(operator, (image.clone().requires_grad_(True), text.clone().requires_grad_(True),
+                                         scale.clone().requires_grad_(True), labels, NAMESPACE[backend]))
+
+
 class TwoTower(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,8 +11,8 @@ CLIP (open_clip's ``ClipLoss``, Radford et al. 2021), with S[i, j] = <x_i, y_j> 
     loss     = 1/2 (mean_i l_i2t[i] + mean_j l_t2i[j])
 
 where P(i) are i's positives: i itself, or (with group ``labels``) every sample of its group, the target distribution
-being uniform over them (soft-target cross-entropy; duplicate captions). The positive terms are sums over groups,
-O(B·D) work outside the kernels.
+being uniform over them (soft-target cross-entropy; duplicate captions). The positive terms are O(B·D) work beside
+the kernels, done in row chunks inside one operator with them (custom_ops/clip_loss.py).
 
 SigLIP (open_clip's ``SigLipLoss``, Zhai et al. 2023): z = s S + b, label +1 for positives and -1 otherwise,
 
@@ -46,13 +46,13 @@ def _compiled_backends_with(operator: str) -> tuple[str, ...]:
 IMPLEMENTED = ("reference", "triton") + _compiled_backends_with("clip_forward")
 
 
-def _primitives(backend: str):
-    """The namespace of blockwise primitives that serves `backend`."""
+def _primitives(backend: str) -> str:
+    """The namespace of the blockwise primitives that serves `backend`."""
     if backend == "triton":
-        return torch.ops.leanops_triton
+        return "leanops_triton"
     if backend in ("cpu", "cuda"):
-        return torch.ops.leanops
-    return torch.ops.leanops_reference
+        return "leanops"
+    return "leanops_reference"
 
 
 def _check_features(op: str, image_features, text_features) -> None:
@@ -119,41 +119,18 @@ def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: boo
     return value.to(dtype)
 
 
-def _group_sums(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """For each sample, the sum of `features` over its group and the group's size, in static shapes (B, D), (B,).
-
-    Every sample points at the first sorted position of its group id, a representative in [0, B) shared by the
-    group; index_add over those representatives sums each group without a dynamic number of groups."""
-    sorted_labels, _ = torch.sort(labels)
-    representative = torch.searchsorted(sorted_labels, labels)
-    sums = torch.zeros_like(features).index_add_(0, representative, features)
-    counts = torch.zeros(labels.shape[0], dtype=features.dtype, device=features.device)
-    counts = counts.index_add_(0, representative, torch.ones_like(counts))
-    return sums[representative], counts[representative]
-
-
-def _clip_from_primitives(primitives, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
-    """The CLIP loss from the blockwise primitives plus O(B·D) positive terms (module docstring)."""
-    batch = image.shape[0]
-    accumulate = scale.dtype
-    per_anchor_scale = scale.expand(batch).contiguous()
-    row_lse, col_lse = primitives.clip_forward(image, text, per_anchor_scale)
-    x, y = image.to(accumulate), text.to(accumulate)
-    if labels is None:
-        positive = per_anchor_scale * (x * y).sum(dim=1)
-        positive_i2t, positive_t2i = positive, positive
-    else:
-        text_group_sums, group_sizes = _group_sums(y, labels)
-        image_group_sums, _ = _group_sums(x, labels)
-        positive_i2t = per_anchor_scale * (x * text_group_sums).sum(dim=1) / group_sizes
-        positive_t2i = per_anchor_scale * (y * image_group_sums).sum(dim=1) / group_sizes
-    per_anchor = 0.5 * ((row_lse - positive_i2t) + (col_lse - positive_t2i))
+def _clip_from_primitives(namespace: str, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
+    """The CLIP loss from the blockwise primitives of `namespace` plus the positive terms, computed in row chunks
+    inside one operator (custom_ops/clip_loss.py: its docstring says why)."""
+    per_anchor_scale = scale.expand(image.shape[0]).contiguous()
+    per_anchor, _, _ = torch.ops.leanops_loss.clip_per_anchor(image, text, per_anchor_scale, labels, namespace)
     return reference_contrastive.apply_reduction(per_anchor, reduction)
 
 
-def _siglip_from_primitives(primitives, image, text, scale: Tensor, bias: Tensor, labels, reduction: str) -> Tensor:
+def _siglip_from_primitives(namespace: str, image, text, scale: Tensor, bias: Tensor, labels,
+                            reduction: str) -> Tensor:
     groups = torch.arange(image.shape[0], device=image.device) if labels is None else labels
-    per_image = primitives.siglip_forward(image, text, scale, bias, groups)
+    per_image = getattr(torch.ops, namespace).siglip_forward(image, text, scale, bias, groups)
     return reference_contrastive.apply_reduction(per_image, reduction)
 
 
@@ -237,7 +214,7 @@ def clip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_sca
     """``clip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
     scale = _clip_arguments("leanops.clip_loss_blockwise", image_features, text_features, logit_scale, labels,
                             reduction)
-    return _clip_from_primitives(torch.ops.leanops_reference, image_features, text_features, scale, labels,
+    return _clip_from_primitives("leanops_reference", image_features, text_features, scale, labels,
                                  reduction)
 
 
@@ -246,5 +223,5 @@ def siglip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_s
     """``siglip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
     scale, bias = _siglip_arguments("leanops.siglip_loss_blockwise", image_features, text_features, logit_scale,
                                     logit_bias, labels, reduction)
-    return _siglip_from_primitives(torch.ops.leanops_reference, image_features, text_features, scale, bias, labels,
+    return _siglip_from_primitives("leanops_reference", image_features, text_features, scale, bias, labels,
                                    reduction)
