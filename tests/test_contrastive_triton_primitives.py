@@ -263,3 +263,42 @@ def test_siglip_forward_separated_pairs():
     actual = kernels.siglip_forward(*inputs)
     assert (expected > 0).all() and (expected < 1e-6).all()
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every tile candidate the GPU tuner may pick gives correct results (each is forced in turn).
+
+def _gpu_dtype_cases():
+    return [case for case in CASES if case.values[1] == "cuda"]
+
+
+@pytest.mark.parametrize("dtype,device", _gpu_dtype_cases())
+def test_every_tile_candidate_is_correct(dtype, device, monkeypatch):
+    batch, dim = 300, 520  # several row blocks of every candidate; D over 512 so that the column chunks split
+    cuda = torch.device(device)
+    forward = kernels.forward_tile_candidates(cuda, dtype)
+    for atomics in (False, True):
+        backward = kernels.backward_tile_candidates(cuda, dtype, dim, atomics)
+        for index in range(max(len(forward), len(backward))):
+            chosen_forward, chosen_backward = forward[index % len(forward)], backward[index % len(backward)]
+            monkeypatch.setattr(kernels, "forward_tile_candidates", lambda *_: (chosen_forward,))
+            monkeypatch.setattr(kernels, "backward_tile_candidates", lambda *_: (chosen_backward,))
+            image, text, scale = _clip_inputs(batch, dim, dtype, device, seed=index)
+            row_lse, col_lse = kernels.clip_forward(image, text, scale)
+            for name, actual, expected in zip(("row_lse", "col_lse"), (row_lse, col_lse),
+                                              _clip_forward_reference(image, text, scale)):
+                _check(name, actual, expected, FORWARD_TOLERANCE)
+            weights = _weights(batch, device, seed=1), _weights(batch, device, seed=2)
+            grads = kernels.clip_backward(image, text, scale, row_lse, col_lse, *weights,
+                                          deterministic=not atomics)
+            expected = _clip_backward_reference(image, text, scale, row_lse, col_lse, *weights)
+            for name, actual, reference in zip(("grad_image", "grad_text", "grad_scale"), grads, expected):
+                _check(name, actual, reference, BACKWARD_TOLERANCE[dtype])
+            inputs = _siglip_inputs(batch, dim, dtype, device, seed=index)
+            _check("row_loss", kernels.siglip_forward(*inputs), _siglip_forward_reference(*inputs),
+                   FORWARD_TOLERANCE)
+            grads = kernels.siglip_backward(*inputs, weights[0], deterministic=not atomics)
+            expected = _siglip_backward_reference(*inputs, weights[0])
+            for name, actual, reference in zip(("grad_image", "grad_text", "grad_scale", "grad_bias"), grads,
+                                               expected):
+                _check(name, actual, reference, BACKWARD_TOLERANCE[dtype])

@@ -1,6 +1,9 @@
-"""The Triton kernels compile for Hopper (sm_90) on a machine without a GPU, and the generated PTX keeps the
-properties exactness and bandwidth depend on: no fused multiply-add except where the algorithm asks for one
-(TwoProd, inside two_prod and scale), and 16-byte vector loads and stores of full-size operands."""
+"""The Triton kernels compile for Hopper (sm_90) on a machine without a GPU.
+
+MCF: the generated PTX keeps the properties exactness and bandwidth depend on: no fused multiply-add except where
+the algorithm asks for one (TwoProd, inside two_prod and scale), and 16-byte vector loads and stores of full-size
+operands. Contrastive: every tile candidate the launchers may pick compiles without register spills, within the
+SM's shared memory, and 16-bit features run on the tensor cores (wgmma)."""
 import json
 import os
 import subprocess
@@ -12,13 +15,22 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(scope="module")
-def ptx_report():
+def _run_report(script_name: str) -> dict:
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "hopper_ptx_report.py")
+    script = os.path.join(os.path.dirname(__file__), script_name)
     result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def ptx_report():
+    return _run_report("hopper_ptx_report.py")
+
+
+@pytest.fixture(scope="module")
+def contrastive_report():
+    return _run_report("hopper_contrastive_report.py")
 
 
 # Full-size operands each kernel loads and stores (at least one 16-byte vector per thread each).
@@ -37,3 +49,20 @@ def test_kernel_compiles_for_hopper(ptx_report, op, dtype):
     loads, stores = OPERANDS[op]
     assert counts["vector_loads"] >= loads, f"expected 16-byte vector loads, PTX has {counts}"
     assert counts["vector_stores"] >= stores, f"expected 16-byte vector stores, PTX has {counts}"
+
+
+# Hopper's shared memory per block (227 KiB) and its register file per thread.
+HOPPER_SHARED_BYTES = 227 * 1024
+HOPPER_REGISTERS = 255
+
+
+def test_contrastive_tile_candidates_compile_without_spills(contrastive_report):
+    assert len(contrastive_report) >= 12, "expected every contrastive kernel in both dtypes"
+    for case, counts in contrastive_report.items():
+        assert counts["spill_stores"] == 0 and counts["spill_loads"] == 0, f"{case} spills registers: {counts}"
+        assert counts["registers"] <= HOPPER_REGISTERS, case
+        assert counts["shared_bytes"] <= HOPPER_SHARED_BYTES, f"{case} needs too much shared memory: {counts}"
+        if "/bfloat16/" in case:
+            assert counts["wgmma"] > 0, f"{case}: 16-bit features should run on wgmma: {counts}"
+        else:
+            assert counts["wgmma"] == 0, f"{case}: float32 features must not use TF32 tensor cores: {counts}"

@@ -20,15 +20,21 @@ multiply a float32 tile by a feature tile; for 16-bit features the tile is first
 FlashAttention does with P), after division by a bound on its entries so that float16 neither overflows nor
 flushes small probabilities to zero.
 
+Tiles: on the GPU each launcher times a short list of tile candidates on its first call per (dtype, D, B rounded
+up to a power of two) and keeps the fastest (tile_tuning.py; ``LEANOPS_TRITON_AUTOTUNE=0`` keeps the defaults). The
+tests compile every candidate for sm_90 and check that none spills registers.
+
 Launchers take torch tensors already validated by the caller (python/leanops/contrastive.py): same dtype,
 B >= 1, D >= 1, float32 scale/weights. They make their inputs contiguous and allocate float32 outputs.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from . import tile_tuning
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,40 +60,66 @@ class _Tiles:
 # multi-block paths (B = 37 is three row blocks, D = 70 three gradient column chunks of 32).
 _INTERPRETER = _Tiles(block_m=16, block_n=16, block_d=16, block_dout=32, num_warps=1, num_stages=1)
 
-# Hopper (H100). Not yet timed on a GPU; chosen so that ptxas reports no register spills for sm_90 when
-# D % 16 == 0 (Triton then pipelines the K loop through shared memory, with wgmma for 16-bit features).
-# 16-bit features: the forward is a GEMM-shaped loop, 128 x 128 tile, 3-stage pipeline of 64-wide K slices,
-# 8 warps (two warpgroups), 227 registers. The backward holds a BLOCK_M x BLOCK_DOUT float32 accumulator in
-# registers next to the S tile: 128 x 128 or 64 x 256 (~220 registers). With atomics it also holds the anchor's
-# feature chunk and G^T, which fits spill-free only at 64 x 128 (226 registers).
-# float32 features: "ieee" products are FMA loops on the CUDA cores, whose register layouts need smaller tiles.
+# Hopper (H100) candidates, each checked by the tests to compile for sm_90 without register spills when D % 16 == 0
+# (Triton then pipelines the K loop through shared memory, with wgmma for 16-bit features). The first of each list
+# is the default; on the GPU the launchers time them all on the first call per shape and keep the fastest
+# (tile_tuning.py). Not yet timed on a GPU.
+# 16-bit forward: a GEMM-shaped loop; the default is a 128 x 128 tile, 3-stage pipeline of 64-wide K slices,
+# 8 warps (two warpgroups), 227 registers. BLOCK_M also sets the column-statistics workspace, B * B / BLOCK_M
+# floats: 256 halves it.
+# 16-bit backward: a BLOCK_M x BLOCK_DOUT float32 accumulator in registers next to the S tile: 128 x 128 or
+# 64 x 256 (~220 registers). With atomics it also holds the anchor's feature chunk and G^T, which fits spill-free
+# only at 64 x 128 (226 registers); 128 x 128 spills in the SigLIP backward.
+# float32 features: "ieee" products are FMA loops on the CUDA cores, whose register layouts need smaller tiles
+# (ptxas, sm_90, D = 512: 128 x 64 x 32 forward tiles spill in the SigLIP kernel, 64 x 32 x 32 backward tiles with
+# 64 gradient columns spill in both).
 # D % 16 != 0 leaves rows without 16-byte alignment: loads then go through registers, unpipelined, and ptxas
 # spills. Correct but slow; a caller may zero-pad D to a multiple of 16 (S is unchanged) to stay on the fast path.
-_GPU_FORWARD = _Tiles(block_m=128, block_n=128, block_d=64, block_dout=0, num_warps=8, num_stages=3)
-_GPU_FORWARD_FLOAT32 = _Tiles(block_m=128, block_n=64, block_d=32, block_dout=0, num_warps=8, num_stages=2)
+_GPU_FORWARD = (
+    _Tiles(block_m=128, block_n=128, block_d=64, block_dout=0, num_warps=8, num_stages=3),
+    _Tiles(block_m=128, block_n=64, block_d=64, block_dout=0, num_warps=4, num_stages=4),
+    _Tiles(block_m=128, block_n=128, block_d=32, block_dout=0, num_warps=8, num_stages=4),
+    _Tiles(block_m=256, block_n=64, block_d=64, block_dout=0, num_warps=8, num_stages=3),
+)
+_GPU_FORWARD_FLOAT32 = (_Tiles(block_m=64, block_n=64, block_d=16, block_dout=0, num_warps=4, num_stages=2),)
 
 
-def _forward_tiles(device: torch.device, dtype: torch.dtype) -> _Tiles:
+def forward_tile_candidates(device: torch.device, dtype: torch.dtype) -> tuple[_Tiles, ...]:
+    """Forward tiles to choose from, the default first."""
     if device.type != "cuda":
-        return _INTERPRETER
+        return (_INTERPRETER,)
     return _GPU_FORWARD_FLOAT32 if dtype == torch.float32 else _GPU_FORWARD
 
 
-def _backward_tiles(device: torch.device, dtype: torch.dtype, features: int, atomics: bool) -> _Tiles:
-    """Backward tiles. A program owns BLOCK_DOUT columns of its gradient rows; when D > BLOCK_DOUT the columns
-    are split into cdiv(D, BLOCK_DOUT) chunks, each recomputing S (2 B^2 D flops per extra chunk and launch)."""
+def backward_tile_candidates(device: torch.device, dtype: torch.dtype, features: int,
+                             atomics: bool) -> tuple[_Tiles, ...]:
+    """Backward tiles to choose from, the default first. A program owns BLOCK_DOUT columns of its gradient rows;
+    when D > BLOCK_DOUT the columns are split into cdiv(D, BLOCK_DOUT) chunks, each recomputing S (2 B^2 D flops
+    per extra chunk and launch)."""
     if device.type != "cuda":
-        return _INTERPRETER
+        return (_INTERPRETER,)
     width = max(triton.next_power_of_2(features), 16)
     if dtype == torch.float32:
         if atomics:
-            return _Tiles(block_m=64, block_n=32, block_d=32, block_dout=min(width, 32), num_warps=4, num_stages=2)
-        return _Tiles(block_m=64, block_n=32, block_d=32, block_dout=min(width, 128), num_warps=8, num_stages=2)
+            return (_Tiles(block_m=64, block_n=32, block_d=32, block_dout=min(width, 32), num_warps=4, num_stages=2),)
+        return (_Tiles(block_m=32, block_n=32, block_d=32, block_dout=min(width, 64), num_warps=4, num_stages=2),
+                _Tiles(block_m=64, block_n=32, block_d=16, block_dout=min(width, 64), num_warps=4, num_stages=1))
     if atomics:
-        return _Tiles(block_m=64, block_n=64, block_d=64, block_dout=min(width, 128), num_warps=8, num_stages=2)
+        return (_Tiles(block_m=64, block_n=64, block_d=64, block_dout=min(width, 128), num_warps=8, num_stages=2),)
     block_dout = min(width, 256)
-    return _Tiles(block_m=128 if block_dout <= 128 else 64, block_n=64, block_d=64, block_dout=block_dout,
-                  num_warps=8, num_stages=2)
+    default = _Tiles(block_m=128 if block_dout <= 128 else 64, block_n=64, block_d=64, block_dout=block_dout,
+                     num_warps=8, num_stages=2)
+    return tuple(dict.fromkeys((default, replace(default, block_n=32), replace(default, num_stages=3))))
+
+
+_TUNER = tile_tuning.TileTuner()
+
+
+def _tuned(name: str, x: torch.Tensor, candidates: tuple[_Tiles, ...], run):
+    """run(tiles) with the tiles that the tuner picked for this kernel, device, dtype, D and power-of-2 bucket
+    of B."""
+    key = (name, x.device, x.dtype, x.shape[1], triton.next_power_of_2(x.shape[0]))
+    return run(_TUNER.choose(key, x.device, candidates, run))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -202,17 +234,19 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -
     """
     x, y, scale = image.contiguous(), text.contiguous(), scale.contiguous()
     batch, features = x.shape
-    tiles = _forward_tiles(x.device, x.dtype)
-    row_blocks = triton.cdiv(batch, tiles.block_m)
-    row_lse = torch.empty(batch, dtype=torch.float32, device=x.device)
-    column_partial = torch.empty((row_blocks, batch), dtype=torch.float32, device=x.device)
-    with _device_context(x.device):
-        _clip_forward_kernel[(row_blocks,)](x, y, scale, row_lse, column_partial, batch, features,
-                                            INPUT_PRECISION=_input_precision(x.dtype),
-                                            **tiles.launch_options(x.device))
-    # Every partial is finite (each row block has a valid row), so this is a plain, stable float32 reduction.
-    col_lse = torch.logsumexp(column_partial, dim=0)
-    return row_lse, col_lse
+
+    def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
+        row_blocks = triton.cdiv(batch, tiles.block_m)
+        row_lse = torch.empty(batch, dtype=torch.float32, device=x.device)
+        column_partial = torch.empty((row_blocks, batch), dtype=torch.float32, device=x.device)
+        with _device_context(x.device):
+            _clip_forward_kernel[(row_blocks,)](x, y, scale, row_lse, column_partial, batch, features,
+                                                INPUT_PRECISION=_input_precision(x.dtype),
+                                                **tiles.launch_options(x.device))
+        # Every partial is finite (each row block has a valid row), so this is a plain, stable float32 reduction.
+        return row_lse, torch.logsumexp(column_partial, dim=0)
+
+    return _tuned("clip_forward", x, forward_tile_candidates(x.device, x.dtype), run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,29 +359,34 @@ def clip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     row_weight, col_weight = row_weight.contiguous(), col_weight.contiguous()
     batch, features = x.shape
     atomics = _use_atomics(deterministic)
-    tiles = _backward_tiles(x.device, x.dtype, features, atomics)
-    grid = (triton.cdiv(batch, tiles.block_m), triton.cdiv(features, tiles.block_dout))
     # A tensor, not .item(): no host synchronisation, and the op stays traceable.
     bound = (row_weight * scale).abs().amax() + (col_weight * scale).abs().amax()
-    grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
-    # Atomics add into grad_text; two launches store it.
-    grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32, device=x.device)
-    grad_scale = torch.zeros(batch, dtype=torch.float32, device=x.device)
-    options = dict(BLOCK_DOUT=tiles.block_dout, INPUT_PRECISION=_input_precision(x.dtype),
-                   **tiles.launch_options(x.device))
-    with _device_context(x.device):
-        if atomics:
-            _clip_backward_kernel[grid](x, y, scale, row_lse, col_lse, row_weight, col_weight, bound,
-                                        grad_image, grad_text, grad_scale, batch, features, OTHER_SIDE=True,
-                                        **options)
-        else:
-            _clip_backward_kernel[grid](x, y, scale, row_lse, col_lse, row_weight, col_weight, bound,
-                                        grad_image, grad_text, grad_scale, batch, features, OTHER_SIDE=False,
-                                        **options)
-            _clip_backward_kernel[grid](y, x, scale, col_lse, row_lse, col_weight, row_weight, bound,
-                                        grad_text, grad_image, grad_scale, batch, features, OTHER_SIDE=False,
-                                        **options)
-    return grad_image, grad_text, grad_scale
+
+    def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = (triton.cdiv(batch, tiles.block_m), triton.cdiv(features, tiles.block_dout))
+        grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
+        # Atomics add into grad_text; two launches store it.
+        grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32,
+                                                              device=x.device)
+        grad_scale = torch.zeros(batch, dtype=torch.float32, device=x.device)
+        options = dict(BLOCK_DOUT=tiles.block_dout, INPUT_PRECISION=_input_precision(x.dtype),
+                       **tiles.launch_options(x.device))
+        with _device_context(x.device):
+            if atomics:
+                _clip_backward_kernel[grid](x, y, scale, row_lse, col_lse, row_weight, col_weight, bound,
+                                            grad_image, grad_text, grad_scale, batch, features, OTHER_SIDE=True,
+                                            **options)
+            else:
+                _clip_backward_kernel[grid](x, y, scale, row_lse, col_lse, row_weight, col_weight, bound,
+                                            grad_image, grad_text, grad_scale, batch, features, OTHER_SIDE=False,
+                                            **options)
+                _clip_backward_kernel[grid](y, x, scale, col_lse, row_lse, col_weight, row_weight, bound,
+                                            grad_text, grad_image, grad_scale, batch, features, OTHER_SIDE=False,
+                                            **options)
+        return grad_image, grad_text, grad_scale
+
+    candidates = backward_tile_candidates(x.device, x.dtype, features, atomics)
+    return _tuned(f"clip_backward/atomics={atomics}", x, candidates, run)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,13 +430,16 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
     x, y = image.contiguous(), text.contiguous()
     scale, bias, groups = scale.contiguous(), bias.contiguous(), groups.contiguous()
     batch, features = x.shape
-    tiles = _forward_tiles(x.device, x.dtype)
-    row_loss = torch.empty(batch, dtype=torch.float32, device=x.device)
-    with _device_context(x.device):
-        _siglip_forward_kernel[(triton.cdiv(batch, tiles.block_m),)](
-            x, y, scale, bias, groups, row_loss, batch, features, INPUT_PRECISION=_input_precision(x.dtype),
-            **tiles.launch_options(x.device))
-    return row_loss
+
+    def run(tiles: _Tiles) -> torch.Tensor:
+        row_loss = torch.empty(batch, dtype=torch.float32, device=x.device)
+        with _device_context(x.device):
+            _siglip_forward_kernel[(triton.cdiv(batch, tiles.block_m),)](
+                x, y, scale, bias, groups, row_loss, batch, features, INPUT_PRECISION=_input_precision(x.dtype),
+                **tiles.launch_options(x.device))
+        return row_loss
+
+    return _tuned("siglip_forward", x, forward_tile_candidates(x.device, x.dtype), run)
 
 
 @triton.jit
@@ -488,26 +530,31 @@ def siglip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     row_weight = row_weight.contiguous()
     batch, features = x.shape
     atomics = _use_atomics(deterministic)
-    tiles = _backward_tiles(x.device, x.dtype, features, atomics)
-    anchor_blocks = triton.cdiv(batch, tiles.block_m)
-    grid = (anchor_blocks, triton.cdiv(features, tiles.block_dout))
     bound = row_weight.abs().amax()
-    grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
-    grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32, device=x.device)
-    partial_scale = torch.empty(anchor_blocks, dtype=torch.float32, device=x.device)
-    partial_bias = torch.empty(anchor_blocks, dtype=torch.float32, device=x.device)
-    options = dict(BLOCK_DOUT=tiles.block_dout, INPUT_PRECISION=_input_precision(x.dtype),
-                   **tiles.launch_options(x.device))
-    with _device_context(x.device):
-        if atomics:
-            _siglip_backward_kernel[grid](x, y, scale, bias, groups, row_weight, bound, grad_image, grad_text,
-                                          partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=True,
-                                          OTHER_SIDE=True, REDUCE_SCALARS=True, **options)
-        else:
-            _siglip_backward_kernel[grid](x, y, scale, bias, groups, row_weight, bound, grad_image, grad_text,
-                                          partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=True,
-                                          OTHER_SIDE=False, REDUCE_SCALARS=True, **options)
-            _siglip_backward_kernel[grid](y, x, scale, bias, groups, row_weight, bound, grad_text, grad_image,
-                                          partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=False,
-                                          OTHER_SIDE=False, REDUCE_SCALARS=False, **options)
-    return grad_image, grad_text, partial_scale.sum(), partial_bias.sum()
+
+    def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        anchor_blocks = triton.cdiv(batch, tiles.block_m)
+        grid = (anchor_blocks, triton.cdiv(features, tiles.block_dout))
+        grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
+        grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32,
+                                                              device=x.device)
+        partial_scale = torch.empty(anchor_blocks, dtype=torch.float32, device=x.device)
+        partial_bias = torch.empty(anchor_blocks, dtype=torch.float32, device=x.device)
+        options = dict(BLOCK_DOUT=tiles.block_dout, INPUT_PRECISION=_input_precision(x.dtype),
+                       **tiles.launch_options(x.device))
+        with _device_context(x.device):
+            if atomics:
+                _siglip_backward_kernel[grid](x, y, scale, bias, groups, row_weight, bound, grad_image, grad_text,
+                                              partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=True,
+                                              OTHER_SIDE=True, REDUCE_SCALARS=True, **options)
+            else:
+                _siglip_backward_kernel[grid](x, y, scale, bias, groups, row_weight, bound, grad_image, grad_text,
+                                              partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=True,
+                                              OTHER_SIDE=False, REDUCE_SCALARS=True, **options)
+                _siglip_backward_kernel[grid](y, x, scale, bias, groups, row_weight, bound, grad_text, grad_image,
+                                              partial_scale, partial_bias, batch, features, WEIGHT_ON_ANCHOR=False,
+                                              OTHER_SIDE=False, REDUCE_SCALARS=False, **options)
+        return grad_image, grad_text, partial_scale.sum(), partial_bias.sum()
+
+    candidates = backward_tile_candidates(x.device, x.dtype, features, atomics)
+    return _tuned(f"siglip_backward/atomics={atomics}", x, candidates, run)
