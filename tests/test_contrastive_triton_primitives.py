@@ -302,3 +302,29 @@ def test_every_tile_candidate_is_correct(dtype, device, monkeypatch):
             for name, actual, reference in zip(("grad_image", "grad_text", "grad_scale", "grad_bias"), grads,
                                                expected):
                 _check(name, actual, reference, BACKWARD_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype,device", [case for case in CASES if case.values[1] == "cpu"])
+def test_zero_padded_feature_dimension_gives_the_same_results(dtype, device, monkeypatch):
+    """The GPU launchers pad D to a multiple of 16; forced here under the interpreter, D = 21 (padded to 32)."""
+    monkeypatch.setattr(kernels, "feature_alignment", lambda _device: 16)
+    batch, dim = 37, 21
+    image, text, scale = _clip_inputs(batch, dim, dtype, device, seed=5)
+    row_lse, col_lse = kernels.clip_forward(image, text, scale)
+    for name, actual, expected in zip(("row_lse", "col_lse"), (row_lse, col_lse),
+                                      _clip_forward_reference(image, text, scale)):
+        _check(name, actual, expected, FORWARD_TOLERANCE)
+    weights = _weights(batch, device, seed=1), _weights(batch, device, seed=2)
+    for deterministic in (False, True):
+        grads = kernels.clip_backward(image, text, scale, row_lse, col_lse, *weights, deterministic=deterministic)
+        expected = _clip_backward_reference(image, text, scale, row_lse, col_lse, *weights)
+        for name, actual, reference in zip(("grad_image", "grad_text", "grad_scale"), grads, expected):
+            _check(name, actual, reference, BACKWARD_TOLERANCE[dtype])
+            assert actual.is_contiguous()
+    inputs = _siglip_inputs(batch, dim, dtype, device, seed=6)
+    _check("row_loss", kernels.siglip_forward(*inputs), _siglip_forward_reference(*inputs), FORWARD_TOLERANCE)
+    for deterministic in (False, True):
+        grads = kernels.siglip_backward(*inputs, weights[0], deterministic=deterministic)
+        expected = _siglip_backward_reference(*inputs, weights[0])
+        for name, actual, reference in zip(("grad_image", "grad_text", "grad_scale", "grad_bias"), grads, expected):
+            _check(name, actual, reference, BACKWARD_TOLERANCE[dtype])

@@ -74,7 +74,7 @@ _INTERPRETER = _Tiles(block_m=16, block_n=16, block_d=16, block_dout=32, num_war
 # (ptxas, sm_90, D = 512: 128 x 64 x 32 forward tiles spill in the SigLIP kernel, 64 x 32 x 32 backward tiles with
 # 64 gradient columns spill in both).
 # D % 16 != 0 leaves rows without 16-byte alignment: loads then go through registers, unpipelined, and ptxas
-# spills. Correct but slow; a caller may zero-pad D to a multiple of 16 (S is unchanged) to stay on the fast path.
+# spills. Correct but slow: so on the GPU the launchers zero-pad D to a multiple of 16 (S is unchanged).
 _GPU_FORWARD = (
     _Tiles(block_m=128, block_n=128, block_d=64, block_dout=0, num_warps=8, num_stages=3),
     _Tiles(block_m=128, block_n=64, block_d=64, block_dout=0, num_warps=4, num_stages=4),
@@ -130,6 +130,26 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def feature_alignment(device: torch.device) -> int:
+    """On the GPU, D is zero-padded to a multiple of this (S is unchanged): rows then start 16-byte aligned, which
+    the pipelined, spill-free code paths need (see the tile notes above). The interpreter needs no padding."""
+    return 16 if device.type == "cuda" else 1
+
+
+def _aligned_features(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous features, zero-padded to a multiple of feature_alignment in D (a copy of O(B D), against the
+    O(B^2 D) work of the kernels)."""
+    x, y = image.contiguous(), text.contiguous()
+    padding = -x.shape[1] % feature_alignment(x.device)
+    if padding:
+        x, y = torch.nn.functional.pad(x, (0, padding)), torch.nn.functional.pad(y, (0, padding))
+    return x, y
+
+
+def _unpadded(gradient: torch.Tensor, features: int) -> torch.Tensor:
+    return gradient if gradient.shape[1] == features else gradient[:, :features].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +252,7 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -
     image, text: (B, D), one dtype; scale: (B,) float32 per-anchor logit scales. Returns float32 (B,) tensors
     row_lse[i] = logsumexp_j(scale[i] S[i, j]) and col_lse[j] = logsumexp_i(scale[j] S[i, j]).
     """
-    x, y, scale = image.contiguous(), text.contiguous(), scale.contiguous()
+    (x, y), scale = _aligned_features(image, text), scale.contiguous()
     batch, features = x.shape
 
     def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +374,7 @@ def clip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     the column part of grad_scale reduced with float32 atomics, a quarter fewer flops when D <= 128 (see
     _clip_backward_kernel); ignored under torch.use_deterministic_algorithms(True).
     """
-    x, y = image.contiguous(), text.contiguous()
+    x, y = _aligned_features(image, text)
     scale, row_lse, col_lse = scale.contiguous(), row_lse.contiguous(), col_lse.contiguous()
     row_weight, col_weight = row_weight.contiguous(), col_weight.contiguous()
     batch, features = x.shape
@@ -386,7 +406,8 @@ def clip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
         return grad_image, grad_text, grad_scale
 
     candidates = backward_tile_candidates(x.device, x.dtype, features, atomics)
-    return _tuned(f"clip_backward/atomics={atomics}", x, candidates, run)
+    grad_image, grad_text, grad_scale = _tuned(f"clip_backward/atomics={atomics}", x, candidates, run)
+    return _unpadded(grad_image, image.shape[1]), _unpadded(grad_text, image.shape[1]), grad_scale
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,7 +448,7 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
     groups[i] == groups[j], else -1. Returns float32 (B,) row_loss[i] = sum_j softplus(-label[i, j] (scale S[i, j]
     + bias)) = -sum_j log sigmoid(label[i, j] z[i, j]).
     """
-    x, y = image.contiguous(), text.contiguous()
+    x, y = _aligned_features(image, text)
     scale, bias, groups = scale.contiguous(), bias.contiguous(), groups.contiguous()
     batch, features = x.shape
 
@@ -525,7 +546,7 @@ def siglip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     deterministic: as for clip_backward (only grad_text can take atomics; the scalars are always reduced from
     per-block partials).
     """
-    x, y = image.contiguous(), text.contiguous()
+    x, y = _aligned_features(image, text)
     scale, bias, groups = scale.contiguous(), bias.contiguous(), groups.contiguous()
     row_weight = row_weight.contiguous()
     batch, features = x.shape
@@ -557,4 +578,5 @@ def siglip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
         return grad_image, grad_text, partial_scale.sum(), partial_bias.sum()
 
     candidates = backward_tile_candidates(x.device, x.dtype, features, atomics)
-    return _tuned(f"siglip_backward/atomics={atomics}", x, candidates, run)
+    grad_image, grad_text, grad_scale, grad_bias = _tuned(f"siglip_backward/atomics={atomics}", x, candidates, run)
+    return _unpadded(grad_image, image.shape[1]), _unpadded(grad_text, image.shape[1]), grad_scale, grad_bias
