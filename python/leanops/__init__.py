@@ -8,7 +8,9 @@ from . import _extension  # noqa: F401  - loads leanops._C (or warns once why no
 from . import backends, mcf, nn
 from .backends import BackendUnavailableError
 from .contrastive import clip_loss, siglip_loss
+from .cross_entropy import linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "backends", "clip_loss", "mcf", "nn", "siglip_loss", "__version__"]
+__all__ = ["BackendUnavailableError", "backends", "clip_loss", "linear_cross_entropy", "mcf", "nn", "siglip_loss",
+           "__version__"]

@@ -39,3 +39,8 @@ def check_no_shared_memory(op: str, name: str, a: torch.Tensor, other_name: str,
     (a_start, a_end), (b_start, b_end) = byte_range(a), byte_range(b)
     if a_start < b_end and b_start < a_end:
         raise ValueError(f"{op}: arguments '{name}' and '{other_name}' must not share memory")
+
+
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """Checking a tensor's values needs a device sync and cannot be traced: done in eager mode only."""
+    return not torch.compiler.is_compiling() and tensor.device.type != "meta"

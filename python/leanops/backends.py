@@ -107,3 +107,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype,
     if reason is not None:
         raise BackendUnavailableError(f"{op}: backend {backend!r} cannot serve this call: {reason}")
     return backend
+
+
+def compiled_backends_with(operator: str) -> tuple[str, ...]:
+    """The backends of leanops._C that registered a kernel for `leanops::<operator>` (a stale or partial build
+    may lack one), so that a family lists as implemented only what this build can serve."""
+    if not _extension.extension_loaded() or not hasattr(torch.ops.leanops, operator):
+        return ()
+    return tuple(backend for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops::{operator}", key))

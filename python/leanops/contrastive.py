@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from . import _extension, _validation, backends
+from . import _validation, backends
 from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
 from .reference import contrastive as reference_contrastive
 
@@ -33,17 +33,8 @@ Tensor = torch.Tensor
 FEATURE_DTYPES = backends.KERNEL_DTYPES + (torch.float64,)
 REDUCTIONS = ("mean", "sum", "none")
 
-
-def _compiled_backends_with(operator: str) -> tuple[str, ...]:
-    """The backends of leanops._C that registered a kernel for `operator` (a stale or partial build may lack one)."""
-    if not _extension.extension_loaded() or not hasattr(torch.ops.leanops, operator):
-        return ()
-    return tuple(backend for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops::{operator}", key))
-
-
-# Backends that have the contrastive kernels, fixed at import (the CUDA kernels are still to come).
-IMPLEMENTED = ("reference", "triton") + _compiled_backends_with("clip_forward")
+# Backends that have the contrastive kernels in this build, fixed at import.
+IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("clip_forward")
 
 
 def _primitives(backend: str) -> str:
@@ -86,11 +77,6 @@ def _check_labels(op: str, labels, batch: int, device: torch.device) -> None:
         raise ValueError(f"{op}: argument 'labels' is on {labels.device} but 'image_features' is on {device}")
 
 
-def _eager_values_check(tensor: Tensor) -> bool:
-    """Checking values needs a device sync and cannot be traced: done in eager mode only."""
-    return not torch.compiler.is_compiling() and tensor.device.type != "meta"
-
-
 def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: bool, positive: bool) -> Tensor:
     """`value` (a number, a 0-dim tensor, or, where allowed, a (B,) tensor) as a float32 tensor on like's device,
     keeping its autograd history. Non-finite (and, where `positive`, non-positive) values are refused."""
@@ -109,7 +95,7 @@ def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: boo
         raise ValueError(f"{op}: argument '{name}' must be {shapes} (B = {batch}), got shape {tuple(value.shape)}")
     if value.device != like.device:
         raise ValueError(f"{op}: argument '{name}' is on {value.device} but 'image_features' is on {like.device}")
-    if _eager_values_check(value):
+    if _validation.values_checkable(value):
         bad = ~torch.isfinite(value)
         if positive:
             bad |= value <= 0

@@ -1,8 +1,8 @@
-"""torch.nn modules around the leanops losses, with open_clip's forward signatures so they drop into open_clip
-training code unchanged (``ClipLoss``, ``SigLipLoss``)."""
+"""torch.nn modules around the leanops losses: ``ClipLoss`` and ``SigLipLoss`` with open_clip's forward signatures
+(so they drop into open_clip training code unchanged), and ``LinearCrossEntropyLoss``."""
 import torch
 
-from . import contrastive
+from . import contrastive, cross_entropy
 
 
 class ClipLoss(torch.nn.Module):
@@ -39,3 +39,31 @@ class SigLipLoss(torch.nn.Module):
         loss = contrastive.siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
                                        reduction=self.reduction, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Cross-entropy of a linear classifier's logits without the N x V logits:
+    ``forward(hidden, weight, targets, bias=None)``; the options are those of ``leanops.linear_cross_entropy``."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: float | None = None, squentropy: bool = False, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.squentropy = squentropy
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, hidden, weight, targets, bias=None):
+        return cross_entropy.linear_cross_entropy(
+            hidden, weight, targets, bias=bias, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, squentropy=self.squentropy, reduction=self.reduction,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, squentropy={self.squentropy}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")

@@ -2,6 +2,6 @@
 
 They use only torch's own operators, run on any device, and (where a family says so) in float64.
 """
-from . import contrastive, mcf
+from . import contrastive, cross_entropy, mcf
 
-__all__ = ["contrastive", "mcf"]
+__all__ = ["contrastive", "cross_entropy", "mcf"]

@@ -1,0 +1,184 @@
+"""Linear cross-entropy (a language model's loss head) that never materializes the N x V logits.
+
+With hidden states h (N, D), classifier W (V, D), optional bias b (V,) and targets t (N,):
+
+    z = h W^T + b,   z' = c tanh(z / c) with softcap=c (Gemma 2), else z' = z,   lse = logsumexp_j z'_j
+
+    loss_n = lse - (1 - a) z'_t - (a / V) sum_j z'_j      cross-entropy with label smoothing a (as F.cross_entropy)
+             + l lse^2                                    z_loss=l (PaLM's auxiliary loss)
+             + sum_{j != t} z'_j^2 / (V - 1)              squentropy=True (Hui & Belkin, "Cut your Losses with
+                                                          Squentropy": the mean square loss over the wrong classes)
+
+Everything per token is a function of four statistics the kernels compute chunk by chunk from z' (lse, z'_t,
+sum_j z'_j, sum_j z'_j^2), so the options cost nothing extra in the kernels. The gradient with respect to z is
+
+    G_nj = (g_lse softmax_j + g_sum + 2 g_square z'_j + g_target [j = t]) * dz'/dz,   dz'/dz = 1 - (z'_j / c)^2
+
+with g_* the gradients of the loss with respect to the statistics (torch autograd on O(N) tensors supplies
+them); then grad_h = G W, grad_W = G^T h, grad_b = sum_n G, each reduced in float32 inside one chunk (token chunks
+for grad_h, vocabulary chunks for grad_W and grad_b), never summed across chunks. Memory: O(N + V + one chunk)
+besides the gradients. Tokens whose target is ``ignore_index`` contribute nothing.
+"""
+import math
+
+import torch
+
+from . import _validation, backends
+from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
+from .reference import cross_entropy as reference_cross_entropy
+
+Tensor = torch.Tensor
+
+FLOAT_DTYPES = backends.KERNEL_DTYPES + (torch.float64,)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("linear_ce_forward")
+# `auto` on a GPU: Triton until the CUDA kernels exist and the H100 benchmark (`leanops bench ce`) has compared them.
+PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+
+def _namespace(backend: str) -> str:
+    """The namespace of the chunked primitives that serves `backend`."""
+    if backend == "triton":
+        return "leanops_triton"
+    if backend in ("cpu", "cuda"):
+        return "leanops"
+    return "leanops_reference"
+
+
+def _check_number(op: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: argument '{name}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    inside = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not inside:
+        interval = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{op}: argument '{name}' must be a finite number in {interval}, got {value!r}")
+    return value
+
+
+def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
+                     squentropy, reduction) -> None:
+    """Every argument, before any kernel runs; each error names the argument."""
+    _validation.check_tensor(op, "hidden", hidden, FLOAT_DTYPES)
+    _validation.check_tensor(op, "weight", weight, FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError(f"{op}: argument 'hidden' must have shape (..., D), got a 0-dim tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: argument 'weight' must be 2-D (V, D), got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{op}: argument 'weight' has dtype {weight.dtype} but 'hidden' has dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{op}: argument 'weight' is on {weight.device} but 'hidden' is on {hidden.device}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: argument 'weight' has D = {weight.shape[1]} but 'hidden' has D = "
+                         f"{hidden.shape[-1]} (shapes {tuple(weight.shape)} and {tuple(hidden.shape)})")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: argument 'weight' has no classes (V = 0): the softmax is undefined")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{op}: argument 'hidden' has no feature dimension (D = 0)")
+    if bias is not None:
+        _validation.check_tensor(op, "bias", bias, FLOAT_DTYPES)
+        if bias.dtype != hidden.dtype or bias.device != hidden.device or bias.shape != (weight.shape[0],):
+            raise ValueError(f"{op}: argument 'bias' must be a ({weight.shape[0]},) tensor of dtype {hidden.dtype} "
+                             f"on {hidden.device}, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"{op}: argument 'targets' must be a torch.Tensor of int64 class indices, got "
+                        f"{type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{op}: argument 'targets' must have dtype torch.int64, got {targets.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: argument 'targets' must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dimensions), got {tuple(targets.shape)}")
+    if targets.device != hidden.device:
+        raise ValueError(f"{op}: argument 'targets' is on {targets.device} but 'hidden' is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+    _check_number(op, "label_smoothing", label_smoothing, 0.0, 1.0)
+    _check_number(op, "z_loss", z_loss, 0.0, math.inf, high_open=True)
+    if softcap is not None:
+        if _check_number(op, "softcap", softcap, 0.0, math.inf, high_open=True) <= 0:
+            raise ValueError(f"{op}: argument 'softcap' must be positive (or None), got {softcap!r}")
+    if not isinstance(squentropy, bool):
+        raise TypeError(f"{op}: argument 'squentropy' must be a bool, got {type(squentropy).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: argument 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
+    if _validation.values_checkable(targets) and targets.numel():
+        vocabulary = weight.shape[0]
+        out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocabulary))
+        if bool(out_of_range.any()):
+            bad = targets[out_of_range][:5].tolist()
+            raise ValueError(f"{op}: argument 'targets' holds class indices outside [0, {vocabulary}) that are not "
+                             f"ignore_index={ignore_index}: {bad}")
+
+
+def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+                          ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+                          squentropy: bool, reduction: str) -> Tensor:
+    """The loss from the four per-token statistics of the chunked primitives (module docstring)."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    vocabulary = weight.shape[0]
+    valid = flat_targets != ignore_index
+    kernel_targets = torch.where(valid, flat_targets, -1)  # -1: no target logit, for the kernels
+    kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
+    lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
+        flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
+    loss = lse - (1.0 - label_smoothing) * target_logit
+    if label_smoothing:
+        loss = loss - (label_smoothing / vocabulary) * logit_sum
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    if squentropy and vocabulary > 1:
+        loss = loss + (logit_square_sum - target_logit.square()) / (vocabulary - 1)
+    per_token = torch.where(valid, loss, 0.0)
+    reduced = reference_cross_entropy.reduce_tokens(per_token, valid, reduction)
+    return reduced.reshape(targets.shape) if reduction == "none" else reduced
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None, squentropy: bool = False, reduction: str = "mean",
+                         backend: str = "auto") -> Tensor:
+    """Cross-entropy of softcap(hidden @ weight^T + bias) against targets, without the N x V logits.
+
+    Args:
+        hidden: (..., D) bfloat16/float16/float32 (float64 on the reference) hidden states.
+        weight: (V, D) classifier weight, same dtype and device. bias: optional (V,).
+        targets: (...) int64 class indices in [0, V), or ignore_index.
+        ignore_index: targets equal to it contribute nothing (a zero loss and zero gradients).
+        label_smoothing: a in [0, 1], exactly F.cross_entropy's definition.
+        z_loss: l >= 0 adds l * lse^2 per token. softcap: c > 0 caps the logits to c tanh(z / c).
+        squentropy: adds sum_{j != t} z'_j^2 / (V - 1) per token.
+        reduction: "mean" over the valid tokens (0, not NaN, when there are none), "sum", or "none" (targets'
+            shape, zeros at ignored tokens).
+    Returns:
+        The loss in float32 (float64 for float64 inputs). Gradients reach hidden, weight and bias in their dtype.
+    """
+    op = "leanops.linear_cross_entropy"
+    _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
+                     reduction)
+    chosen = backends.resolve(op, backend, hidden.device, hidden.dtype, preference=PREFERENCE,
+                              implemented=IMPLEMENTED)
+    if chosen == "reference":
+        accumulate = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        loss = reference_cross_entropy.linear_cross_entropy(
+            hidden.to(accumulate), weight.to(accumulate), targets, None if bias is None else bias.to(accumulate),
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            squentropy=squentropy, reduction=reduction)
+        return loss
+    return _loss_from_primitives(_namespace(chosen), hidden, weight, targets, bias, ignore_index, label_smoothing,
+                                 z_loss, softcap, squentropy, reduction)
+
+
+def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
+                                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                                 softcap: float | None = None, squentropy: bool = False,
+                                 reduction: str = "mean") -> Tensor:
+    """``linear_cross_entropy`` through the chunked plain-PyTorch primitives: O(chunk x V) memory, any device."""
+    op = "leanops.linear_cross_entropy_chunked"
+    _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
+                     reduction)
+    return _loss_from_primitives("leanops_reference", hidden, weight, targets, bias, ignore_index, label_smoothing,
+                                 z_loss, softcap, squentropy, reduction)
