@@ -33,4 +33,22 @@ TORCH_LIBRARY(leanops, m) {
   m.def(
       "siglip_backward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor groups, Tensor row_weight) -> "
       "(Tensor grad_image, Tensor grad_text, Tensor grad_scale, Tensor grad_bias)");
+
+  // Chunked linear cross-entropy (python/leanops/cross_entropy.py documents the math). hidden (N, D), weight (V, D),
+  // bias (V,) or empty (0,) for none, all of one float dtype; targets (N,) int64 in [0, V) or -1 (no target);
+  // softcap > 0 caps the logits, z' = softcap * tanh(z / softcap), softcap <= 0 means none. z = hidden @ weight^T
+  // + bias never exists beyond one chunk. Statistics are float32; gradients come back in the input dtype, each
+  // reduced in float32 inside one chunk (token chunks for grad_hidden, vocabulary chunks for grad_weight/bias).
+  //   linear_ce_forward: lse[n] = logsumexp_j z'[n,j], target_logit[n] = z'[n,t_n] (0 where t_n < 0),
+  //   logit_sum[n] = sum_j z'[n,j], logit_square_sum[n] = sum_j z'[n,j]^2
+  m.def(
+      "linear_ce_forward(Tensor hidden, Tensor weight, Tensor bias, Tensor targets, float softcap) -> "
+      "(Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor logit_square_sum)");
+  //   linear_ce_backward: with G[n,j] = (grad_lse[n] * exp(z'[n,j] - lse[n]) + grad_sum[n]
+  //   + 2 * grad_square_sum[n] * z'[n,j] + grad_target[n] * [j == t_n]) * (softcap > 0 ? 1 - (z'[n,j]/softcap)^2 : 1):
+  //   grad_hidden = G @ weight, grad_weight = G^T @ hidden, grad_bias = sum_n G[n,:] (empty without a bias)
+  m.def(
+      "linear_ce_backward(Tensor hidden, Tensor weight, Tensor bias, Tensor targets, float softcap, Tensor lse, "
+      "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, Tensor grad_square_sum) -> "
+      "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
