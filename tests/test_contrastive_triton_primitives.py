@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
 from leanops.triton_kernels import contrastive as kernels  # noqa: E402
+from leanops.triton_kernels import tiles  # noqa: E402
 
 
 def _case(dtype, device):
@@ -307,7 +308,7 @@ def test_every_tile_candidate_is_correct(dtype, device, monkeypatch):
 @pytest.mark.parametrize("dtype,device", [case for case in CASES if case.values[1] == "cpu"])
 def test_zero_padded_feature_dimension_gives_the_same_results(dtype, device, monkeypatch):
     """The GPU launchers pad D to a multiple of 16; forced here under the interpreter, D = 21 (padded to 32)."""
-    monkeypatch.setattr(kernels, "feature_alignment", lambda _device: 16)
+    monkeypatch.setattr(tiles, "feature_alignment", lambda _device: 16)
     batch, dim = 37, 21
     image, text, scale = _clip_inputs(batch, dim, dtype, device, seed=5)
     row_lse, col_lse = kernels.clip_forward(image, text, scale)

@@ -27,34 +27,24 @@ tests compile every candidate for sm_90 and check that none spills registers.
 Launchers take torch tensors already validated by the caller (python/leanops/contrastive.py): same dtype,
 B >= 1, D >= 1, float32 scale/weights. They make their inputs contiguous and allocate float32 outputs.
 """
-import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
 from . import tile_tuning
+from .tiles import Tiles as _Tiles
+from .tiles import aligned_features as _aligned_features
+from .tiles import device_context as _device_context
+from .tiles import input_precision as _input_precision
+from .tiles import load_rows as _load_rows
+from .tiles import product_tile as _similarity_tile
+from .tiles import unpadded as _unpadded
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile sizes, a function of the device and the feature dtype.
-
-@dataclass(frozen=True)
-class _Tiles:
-    block_m: int  # rows of the stationary side per program
-    block_n: int  # rows of the streamed side per loop step
-    block_d: int  # feature slice of each S = <., .> partial product
-    block_dout: int  # feature columns of the gradient rows one program owns (backward only)
-    num_warps: int
-    num_stages: int
-
-    def launch_options(self, device: torch.device) -> dict:
-        constexprs = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
-        if device.type == "cuda":
-            constexprs.update(num_warps=self.num_warps, num_stages=self.num_stages)
-        return constexprs
-
 
 # The interpreter runs each program serially with numpy: small tiles keep the tests quick and still cover the
 # multi-block paths (B = 37 is three row blocks, D = 70 three gradient column chunks of 32).
@@ -122,63 +112,8 @@ def _tuned(name: str, x: torch.Tensor, candidates: tuple[_Tiles, ...], run):
     return run(_TUNER.choose(key, x.device, candidates, run))
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # float32 features: exact float32 products (no TF32), the precision a float32 caller asked for.
-    # float16/bfloat16: the argument is ignored; products are exact and accumulate in float32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _device_context(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def feature_alignment(device: torch.device) -> int:
-    """On the GPU, D is zero-padded to a multiple of this (S is unchanged): rows then start 16-byte aligned, which
-    the pipelined, spill-free code paths need (see the tile notes above). The interpreter needs no padding."""
-    return 16 if device.type == "cuda" else 1
-
-
-def _aligned_features(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous features, zero-padded to a multiple of feature_alignment in D (a copy of O(B D), against the
-    O(B^2 D) work of the kernels)."""
-    x, y = image.contiguous(), text.contiguous()
-    padding = -x.shape[1] % feature_alignment(x.device)
-    if padding:
-        x, y = torch.nn.functional.pad(x, (0, padding)), torch.nn.functional.pad(y, (0, padding))
-    return x, y
-
-
-def _unpadded(gradient: torch.Tensor, features: int) -> torch.Tensor:
-    return gradient if gradient.shape[1] == features else gradient[:, :features].contiguous()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Shared device functions.
-
-@triton.jit
-def _similarity_tile(anchor_ptr, other_ptr, rows_a, mask_a, rows_b, mask_b, D,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr):
-    """S'[a, b] = <anchor_a, other_b> for a BLOCK_M x BLOCK_N tile, float32; zero where a row is masked."""
-    similarity = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # int64 row offsets: B * D may exceed 2**31 elements.
-    anchor_rows = anchor_ptr + rows_a.to(tl.int64)[:, None] * D
-    other_rows = other_ptr + rows_b.to(tl.int64)[:, None] * D
-    for start in range(0, D, BLOCK_D):
-        columns = start + tl.arange(0, BLOCK_D)
-        mask_d = columns < D
-        u = tl.load(anchor_rows + columns[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(other_rows + columns[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        similarity = tl.dot(u, tl.trans(v), similarity, input_precision=INPUT_PRECISION)
-    return similarity
-
-
-@triton.jit
-def _load_rows(pointer, rows, mask_rows, columns, mask_columns, D):
-    """A (rows x columns) block of a row-major (B, D) tensor, zero outside."""
-    return tl.load(pointer + rows.to(tl.int64)[:, None] * D + columns[None, :],
-                   mask=mask_rows[:, None] & mask_columns[None, :], other=0.0)
-
 
 @triton.jit
 def _accumulate(pointer, value, mask, ATOMIC: tl.constexpr):
