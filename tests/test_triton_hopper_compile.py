@@ -2,7 +2,7 @@
 
 MCF: the generated PTX keeps the properties exactness and bandwidth depend on: no fused multiply-add except where
 the algorithm asks for one (TwoProd, inside two_prod and scale), and 16-byte vector loads and stores of full-size
-operands. Contrastive: every tile candidate the launchers may pick compiles without register spills, within the
+operands. Losses (contrastive, linear cross-entropy): every tile candidate the launchers may pick compiles without register spills, within the
 SM's shared memory, and 16-bit features run on the tensor cores (wgmma)."""
 import json
 import os
@@ -29,8 +29,8 @@ def ptx_report():
 
 
 @pytest.fixture(scope="module")
-def contrastive_report():
-    return _run_report("hopper_contrastive_report.py")
+def loss_report():
+    return _run_report("hopper_loss_report.py")
 
 
 # Full-size operands each kernel loads and stores (at least one 16-byte vector per thread each).
@@ -56,13 +56,13 @@ HOPPER_SHARED_BYTES = 227 * 1024
 HOPPER_REGISTERS = 255
 
 
-def test_contrastive_tile_candidates_compile_without_spills(contrastive_report):
-    assert len(contrastive_report) >= 12, "expected every contrastive kernel in both dtypes"
-    for case, counts in contrastive_report.items():
+def test_loss_tile_candidates_compile_without_spills(loss_report):
+    assert len(loss_report) >= 18, "expected every contrastive and cross-entropy kernel in both dtypes"
+    for case, counts in loss_report.items():
         assert counts["spill_stores"] == 0 and counts["spill_loads"] == 0, f"{case} spills registers: {counts}"
         assert counts["registers"] <= HOPPER_REGISTERS, case
         assert counts["shared_bytes"] <= HOPPER_SHARED_BYTES, f"{case} needs too much shared memory: {counts}"
-        if "/bfloat16/" in case:
+        if "/bfloat16/" in case or "/float16/" in case:
             assert counts["wgmma"] > 0, f"{case}: 16-bit features should run on wgmma: {counts}"
         else:
             assert counts["wgmma"] == 0, f"{case}: float32 features must not use TF32 tensor cores: {counts}"

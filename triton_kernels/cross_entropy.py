@@ -63,8 +63,8 @@ def backward_tile_candidates(device: torch.device, dtype: torch.dtype, features:
         return (_INTERPRETER,)
     width = max(triton.next_power_of_2(features), 16)
     if dtype == torch.float32:
-        return (Tiles(block_m=32, block_n=32, block_d=32, block_dout=min(width, 64), num_warps=4, num_stages=2),
-                Tiles(block_m=64, block_n=32, block_d=16, block_dout=min(width, 64), num_warps=4, num_stages=1))
+        # (64 x 32 tiles with a 16-wide K loop, which suit the contrastive kernels, spill here.)
+        return (Tiles(block_m=32, block_n=32, block_d=32, block_dout=min(width, 64), num_warps=4, num_stages=2),)
     block_dout = min(width, 256)
     default = Tiles(block_m=128 if block_dout <= 128 else 64, block_n=64, block_d=64, block_dout=block_dout,
                     num_warps=8, num_stages=2)
