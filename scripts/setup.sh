@@ -18,6 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest ninja setuptools wheel matplotlib
+# transformers: only for the Hugging Face integration's parity test (tiny random models, nothing downloaded).
+"$venv/bin/python" -m pip install --quiet transformers
 # --no-build-isolation: the extension compiles against the torch installed above, not a second download.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$venv/bin/leanops" info

@@ -2,6 +2,7 @@
 come near one B x B fp32 matrix (1 GiB): the peak resident memory may grow by less than a tenth of it.
 
 The work runs in a fresh interpreter so that the measurement sees nothing of the test session's allocations."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,17 +12,10 @@ import pytest
 from helpers import require_backend
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import resource, sys, threading, time
+    import sys
     import torch
     import leanops
-
-    def rss_bytes():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-
-    def high_water_mark_bytes():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    import peak_rss
 
     loss_name, with_labels = sys.argv[1], sys.argv[2] == "labels"
     # One thread: the memory does not depend on it (two tiles of scratch per thread), and it keeps the run short
@@ -48,38 +42,18 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     # The gradients themselves (2 x B x D fp32 = 8 MiB) are outputs, not working memory: held before measuring.
     image.grad, text.grad = torch.zeros_like(image), torch.zeros_like(text)
 
-    # The peak: Linux resets the high-water mark to the current RSS on writing 5 to clear_refs; where that is not
-    # allowed, a thread samples the RSS every millisecond (the kernels release the GIL).
-    samples = []
-    stop = threading.Event()
-    def sample():
-        while not stop.is_set():
-            samples.append(rss_bytes())
-            time.sleep(0.001)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        sampler = None
-    except OSError:
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-    before = rss_bytes()
-    start = time.perf_counter()
-    if loss_name == "clip":
-        loss = leanops.clip_loss(image, text, scale, labels=labels, backend="cpu")
-    else:
-        loss = leanops.siglip_loss(image, text, scale, bias, labels=labels, backend="cpu")
-    loss.backward()
-    seconds = time.perf_counter() - start
-    if sampler is None:
-        peak = high_water_mark_bytes()
-    else:
-        stop.set()
-        sampler.join()
-        peak = max(samples + [rss_bytes()])
+    def forward_and_backward():
+        if loss_name == "clip":
+            loss = leanops.clip_loss(image, text, scale, labels=labels, backend="cpu")
+        else:
+            loss = leanops.siglip_loss(image, text, scale, bias, labels=labels, backend="cpu")
+        loss.backward()
+        return loss
+
+    growth, seconds, loss = peak_rss.peak_growth(forward_and_backward)
     assert torch.isfinite(loss) and bool(torch.isfinite(image.grad).all()) and bool(torch.isfinite(text.grad).all())
     assert image.grad.abs().sum() > 0 and scale.grad is not None
-    print(peak - before, seconds)
+    print(growth, seconds)
 """)
 
 
@@ -89,7 +63,7 @@ def test_forward_and_backward_stay_far_below_one_similarity_matrix(loss_name, la
     labels, a few B x D fp32 group tables with them (4 MiB each here)."""
     require_backend("cpu", "cpu")
     result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, loss_name, labels], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr
     growth, seconds = (float(v) for v in result.stdout.split())
     budget = 0.1 * 2**30

@@ -1,0 +1,1 @@
+"""Glue between leanops and other libraries' models (imported on demand: ``leanops.integrations.transformers``)."""
