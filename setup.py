@@ -110,7 +110,7 @@ setup(
                 "cross-entropy, Collage multi-component-float arithmetic and optimizers",
     python_requires=">=3.10",
     package_dir={"": "python", "leanops.triton_kernels": "triton_kernels", "leanops.benchmarks": "benchmarks"},
-    packages=["leanops", "leanops.reference", "leanops.custom_ops", "leanops.triton_kernels",
+    packages=["leanops", "leanops.reference", "leanops.custom_ops", "leanops.integrations", "leanops.triton_kernels",
               "leanops.benchmarks"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
