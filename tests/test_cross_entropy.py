@@ -3,6 +3,7 @@ bias) on every backend this machine can run, for every option and their combinat
 V = 1, V and D no multiple of any block, every token ignored); the low-precision error rule; reductions; bad
 input; the module; opcheck and torch.compile."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -46,7 +47,9 @@ def _inputs(tokens, vocabulary, dim, dtype, device, generator, *, bias=True, ign
     targets = torch.randint(0, vocabulary, (tokens,), generator=generator)
     hidden = torch.randn(tokens, dim, generator=generator, dtype=torch.float64)
     if trained_like:
-        hidden = 0.5 * hidden + 4.0 * weight[targets] * dim**0.5 / weight[targets].norm(dim=1, keepdim=True)
+        # Target logit ~ log(V) - 2.5 above the rest: the loss comes out near 2.5.
+        lift = max(math.log(vocabulary) - 2.5, 1.0)
+        hidden = 0.5 * hidden / dim**0.5 + lift * weight[targets] / weight[targets].norm(dim=1, keepdim=True)
     bias_values = 0.1 * torch.randn(vocabulary, generator=generator, dtype=torch.float64) if bias else None
     if ignored_every:
         targets[::ignored_every] = -100
