@@ -23,13 +23,7 @@ The FLOP floor is 8 B^2 D per forward + backward: S = x y^T (2 B^2 D), its recom
 Memory is the peak of what the call allocates beyond the inputs already allocated: the CUDA caching allocator's peak
 on a GPU; on the CPU the growth of the resident set size, sampled every ~1 ms by a background thread.
 """
-import ctypes
 import dataclasses
-import gc
-import math
-import os
-import threading
-import time
 from collections.abc import Callable
 
 import torch
@@ -38,25 +32,9 @@ import torch.nn.functional as F
 from leanops import backends, contrastive
 from leanops.reference import contrastive as reference_contrastive
 
-from . import common
-
-# Measured ceiling on the H100, ../shared/DESIGN.md (bf16 matmul); used only when the device name contains "H100".
-H100_BF16_PEAK_FLOPS = 747e12
+from . import common, measurement
 
 CHECK_BATCH = 256
-# The smallest relative error a check tolerates, whatever plain PyTorch achieves: fp32, DESIGN.md's ~1e-5; bf16 and
-# fp16, twice the normwise error of a correctly rounded gradient in that dtype (half an ulp is up to 2^-8 of the
-# largest element in bf16, 2^-11 in fp16), so that a lucky plain-PyTorch rounding cannot fail an exact kernel.
-ERROR_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-# Plain PyTorch is the baseline; its own check only asks that it is finite and not grossly wrong.
-PLAIN_ERROR_LIMIT = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-# Seconds of timed calls one (method, B) may take: slow methods get fewer repeats (each row says how many).
-TIME_BUDGET_S = {"cuda": 15.0, "cpu": 10.0}
-# The CPU memory sampler's period, and how long (at least) it watches repeated calls.
-RSS_SAMPLE_INTERVAL_S = 1e-3
-RSS_WATCH_S = 0.05
-RSS_MIN_SAMPLES = 5  # fewer samples than this over the watched calls: too coarse, reported as n/a
 
 METHOD_NOTES = {
     "pytorch": "plain PyTorch, open_clip's formulation (B x B logits)",
@@ -156,13 +134,6 @@ def default_dim_and_dtype(device: torch.device) -> tuple[int, torch.dtype]:
     return (512, torch.bfloat16) if device.type == "cuda" else (64, torch.float32)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """The device's measured matmul ceiling for `dtype`, where one is known (H100, bfloat16), else None."""
-    if device.type == "cuda" and dtype == torch.bfloat16 and "H100" in torch.cuda.get_device_name(device):
-        return H100_BF16_PEAK_FLOPS
-    return None
-
-
 def make_inputs(spec: LossSpec, batch: int, dim: int, dtype: torch.dtype, device: torch.device):
     """Normalised random features (leaves requiring grad) and the learnable 0-dim float32 parameters."""
     def features():
@@ -231,13 +202,6 @@ def candidate_methods(spec: LossSpec, device: torch.device) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The check against float64.
 
-def _relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
-    """max |value - exact| / max |exact| (normwise), in float64; NaN if value has a NaN."""
-    value, exact = value.detach().to(torch.float64), exact.detach().to(torch.float64)
-    scale = exact.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    return float((value - exact).abs().max() / scale)
-
-
 @dataclasses.dataclass
 class CheckResult:
     passed: bool
@@ -269,7 +233,7 @@ class Checker:
     def _errors(self, function: Callable) -> tuple[float, float]:
         loss = function(self.x, self.y, self.parameters)
         (grad,) = torch.autograd.grad(loss, self.x)
-        return _relative_error(loss, self.exact[0]), _relative_error(grad, self.exact[1])
+        return measurement.relative_error(loss, self.exact[0]), measurement.relative_error(grad, self.exact[1])
 
     def check(self, method: str) -> CheckResult:
         if method not in self.results:
@@ -281,12 +245,9 @@ class Checker:
             loss_error, grad_error = self._errors(_method_function(self.spec, method))
         except Exception as error:  # noqa: BLE001 - a crashing method is a failure row, not a crash
             return CheckResult(False, problem=f"failed: {type(error).__name__}: {error}".splitlines()[0])
-        if method == "pytorch":
-            loss_tolerance = grad_tolerance = PLAIN_ERROR_LIMIT[self.dtype]
-        else:
-            floor = ERROR_FLOOR[self.dtype]
-            loss_tolerance = max(2 * self.plain_errors[0], floor)
-            grad_tolerance = max(2 * self.plain_errors[1], floor)
+        plain = method == "pytorch"
+        loss_tolerance = measurement.tolerance(self.dtype, self.plain_errors[0], plain)
+        grad_tolerance = measurement.tolerance(self.dtype, self.plain_errors[1], plain)
         # `not (error <= tolerance)`: a NaN error never passes.
         problems = [f"{name} relative error {error:.2e} > {tolerance:.2e} (B={CHECK_BATCH}, vs float64)"
                     for name, error, tolerance in (("loss", loss_error, loss_tolerance),
@@ -296,142 +257,7 @@ class Checker:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Memory.
-
-def _release_cpu_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps freed blocks below its mmap threshold), so that the next
-    call's resident-set growth counts what it allocates rather than what it reuses."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class ResidentSetSampler:
-    """Peak resident set size of this process while the block runs, sampled from /proc/self/statm by a thread."""
-
-    def __init__(self, interval_s: float = RSS_SAMPLE_INTERVAL_S):
-        self.interval_s = interval_s
-        self.page_bytes = os.sysconf("SC_PAGE_SIZE")
-        self.baseline = self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._file = None
-        self._thread = None
-
-    @staticmethod
-    def supported() -> bool:
-        return os.path.exists("/proc/self/statm")
-
-    def _resident_bytes(self) -> int:
-        return int(os.pread(self._file, 64, 0).split()[1]) * self.page_bytes
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._resident_bytes())
-            self.samples += 1
-            time.sleep(self.interval_s)
-
-    def __enter__(self):
-        self._file = os.open("/proc/self/statm", os.O_RDONLY)
-        self.baseline = self.peak = self._resident_bytes()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exception):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._resident_bytes())
-        os.close(self._file)
-        return False
-
-    @property
-    def growth_bytes(self) -> int:
-        return self.peak - self.baseline
-
-
-def peak_extra_memory(step: Callable[[], object], device: torch.device, call_seconds: float
-                      ) -> tuple[int | None, str]:
-    """The peak memory one call of `step` allocates beyond what is allocated before it, and a note ("" or why
-    there is no number)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before, ""
-    if not ResidentSetSampler.supported():
-        return None, "memory n/a: no /proc/self/statm here"
-    # Repeat short calls so the 1 ms sampler sees each phase several times; each call's memory is freed before the
-    # next one, so repeating does not raise the peak.
-    calls = max(3, math.ceil(RSS_WATCH_S / max(call_seconds, 1e-6)))
-    gc.collect()
-    _release_cpu_heap()
-    with ResidentSetSampler() as sampler:
-        for _ in range(calls):
-            step()
-    if sampler.samples < RSS_MIN_SAMPLES:
-        return None, f"memory n/a: only {sampler.samples} RSS samples ({call_seconds * 1e3:.2f} ms per call)"
-    return sampler.growth_bytes, ""
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    # The CPU allocator raises a plain RuntimeError.
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-
-
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The run.
-
-def _measure(row: ContrastiveRow, function: Callable, inputs, device: torch.device, repeats: int,
-             peak: float | None) -> None:
-    """Fill `row` with the time, throughput and peak extra memory of one forward + backward of `function`."""
-    x, y, parameters = inputs
-
-    def step():
-        return _forward_backward(function, x, y, parameters)
-
-    step()  # warm-up: compilation, autotuning, the matmul library's workspace
-    common.synchronize(device)
-    start = time.perf_counter()
-    step()
-    common.synchronize(device)
-    call_seconds = time.perf_counter() - start
-    row.peak_extra_bytes, memory_note = peak_extra_memory(step, device, call_seconds)
-    budget = TIME_BUDGET_S[device.type]
-    row.repeats = max(1, min(repeats, int(budget / max(call_seconds, 1e-9))))
-    row.ms = common.measure_ms(step, device, row.repeats, warmup=0)  # warmed up above
-    row.tflops = row.flop_floor / (row.ms * 1e-3) / 1e12
-    if peak is not None:
-        row.fraction_of_peak = row.tflops * 1e12 / peak
-    notes = [note for note in (row.note, memory_note) if note]
-    if row.repeats < repeats:
-        notes.append(f"{row.repeats} repeats (time budget {budget:.0f} s)")
-    row.note = "; ".join(notes)
-
-
-def _busy_cpu_note() -> str:
-    """A warning when other processes already load the CPU: CPU times are then worth little."""
-    from leanops import info
-
-    if not hasattr(os, "getloadavg"):
-        return ""
-    load, cores = os.getloadavg()[0], info.cpu_cores()
-    if load < 0.5 * cores:
-        return ""
-    return (f"the CPU was busy when this run began (1-minute load average {load:.1f} on {cores} cores): other "
-            "processes competed for it, so the CPU times are unreliable; the memory figures are not affected")
-
 
 def run_family(family: str, device: torch.device, *, quick: bool = False, repeats: int | None = None,
                elements: int | None = None, backend_names: list[str] | None = None) -> common.Report:
@@ -450,30 +276,18 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
         if unknown:
             raise ValueError(f"unknown method(s) {unknown} for {family}; expected some of {METHODS}")
         methods = [method for method in methods if method == "pytorch" or method in backend_names]
-    peak = peak_flops(device, dtype)
+    peak = measurement.peak_flops(device, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     report = common.Report(family, device, rows=[], settings={
         "quick": quick, "repeats": repeats, "batches": batches, "dim": dim, "dtype": dtype_name,
         "logit_scale": spec.scale, "logit_bias": spec.bias, "methods": methods, "check_batch": CHECK_BATCH,
-        "peak_flops": peak, "time_budget_s": TIME_BUDGET_S[device.type],
-        "memory": ("CUDA caching allocator: max_memory_allocated - memory_allocated before the call"
-                   if device.type == "cuda" else
-                   f"resident set growth, sampled every {RSS_SAMPLE_INTERVAL_S * 1e3:g} ms from /proc/self/statm")})
+        "peak_flops": peak, "time_budget_s": measurement.TIME_BUDGET_S[device.type],
+        "memory": measurement.memory_method(device)})
     report.notes.append(f"time: forward + backward (grads of features, scale{', bias' if spec.bias else ''}), "
                         f"median; FLOP floor 8*B^2*D (S, its recomputation, and the two gradient matmuls)")
-    if peak is None:
-        report.notes.append(f"no measured {dtype_name} FLOP/s ceiling for this device: fraction of peak left out")
-    else:
-        report.notes.append(f"fraction of peak: of {peak / 1e12:.0f} TFLOP/s, the measured bf16 matmul ceiling of "
-                            "the H100 (../shared/DESIGN.md)")
+    report.notes.append(measurement.peak_note(peak, dtype_name))
     if device.type == "cpu":
-        report.notes.append("memory on the CPU: resident-set growth sampled every ~1 ms, a lower bound of the "
-                            "true peak (short-lived buffers between samples are missed)")
-        busy = _busy_cpu_note()
-        if busy:
-            report.notes.append(busy)
-        report.notes.append("triton is not benchmarked on the CPU: its interpreter (TRITON_INTERPRET=1) is a "
-                            "correctness tool, not a performance path")
+        report.notes.extend(measurement.cpu_notes())
     if spec.inf_cl is None:
         report.notes.append("Inf-CL implements only the softmax (CLIP) loss: no SigLIP peer is benchmarked")
 
@@ -497,19 +311,11 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
                 row.check, row.note = "failed", result.problem
                 continue
             row.check = "passed"
-            try:
-                _measure(row, _method_function(spec, method), inputs, device, repeats, peak)
-            except Exception as error:  # noqa: BLE001 - out of memory is a row; so is a crash at this size
-                row.ms = row.tflops = row.fraction_of_peak = row.peak_extra_bytes = None
-                if _is_out_of_memory(error):
-                    row.out_of_memory, row.note = True, "out of memory"
-                else:
-                    row.check = "failed"
-                    row.note = f"failed at B={batch}: {type(error).__name__}: {error}".splitlines()[0]
-            finally:
-                _free_device_memory(device)
+            function = _method_function(spec, method)
+            measurement.measure_or_record(row, lambda: _forward_backward(function, *inputs), device, repeats, peak,
+                                          f"B={batch}")
         del inputs
-        _free_device_memory(device)
+        measurement.free_device_memory(device)
     return report
 
 
@@ -526,22 +332,11 @@ def run_siglip(device: torch.device, **options) -> common.Report:
 # ---------------------------------------------------------------------------------------------------------------
 # Output.
 
-def format_bytes(count: int | None) -> str:
-    if count is None:
-        return ""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(count) >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count} B"
-
-
 def format_report(report: common.Report) -> str:
     """A plain-text table of a clip/siglip report: one line per (B, method)."""
     from leanops import info
 
-    def number(value, pattern):
-        return "" if value is None else pattern.format(value)
-
+    number = measurement.format_number
     header = ["op", "dtype", "B", "D", "method", "ms", "GFLOP floor", "TFLOP/s", "% of peak", "peak extra mem",
               "check", "note"]
     rows = []
@@ -554,7 +349,7 @@ def format_report(report: common.Report) -> str:
                      number(row.ms, "{:.3f}"), number(flop_floor and flop_floor / 1e9, "{:.1f}"),
                      number(getattr(row, "tflops", None), "{:.3g}"),
                      number(None if fraction is None else 100 * fraction, "{:.1f}%"),
-                     format_bytes(getattr(row, "peak_extra_bytes", None)), row.check, row.note])
+                     measurement.format_bytes(getattr(row, "peak_extra_bytes", None)), row.check, row.note])
     title = f"{report.family} on {info.device_name(report.device)}"
     text = title + "\n" + common.format_table(header, rows)
     if report.notes:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leanops import cli, contrastive
-from leanops.benchmarks import bench_contrastive, common
+from leanops.benchmarks import bench_contrastive, common, measurement
 
 CPU = torch.device("cpu")
 
@@ -111,13 +111,13 @@ def test_default_sizes_follow_the_brief():
     assert bench_contrastive.default_batches("siglip", CPU, quick=False) == [512, 1024, 2048]
     assert bench_contrastive.default_dim_and_dtype(cuda) == (512, torch.bfloat16)
     assert bench_contrastive.default_dim_and_dtype(CPU) == (64, torch.float32)
-    assert bench_contrastive.peak_flops(CPU, torch.bfloat16) is None
+    assert measurement.peak_flops(CPU, torch.bfloat16) is None
 
 
-@pytest.mark.skipif(not bench_contrastive.ResidentSetSampler.supported(), reason="needs /proc/self/statm")
+@pytest.mark.skipif(not measurement.ResidentSetSampler.supported(), reason="needs /proc/self/statm")
 def test_resident_set_sampler_sees_a_touched_allocation():
     megabytes = 64
-    with bench_contrastive.ResidentSetSampler() as sampler:
+    with measurement.ResidentSetSampler() as sampler:
         buffer = torch.ones(megabytes * 2**20 // 4)  # written: every page becomes resident
         del buffer
     assert sampler.samples >= 1
