@@ -35,8 +35,11 @@ test_status=${PIPESTATUS[0]}
 [ "$test_status" -eq 0 ] || status=1
 
 step "CUDA kernels under compute-sanitizer memcheck"
-compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-  python3 -m pytest -q -x -m gpu -k "cuda-cuda" tests/test_mcf_exactness.py tests/test_mcf_grow_scale.py \
+# The loss kernels' primitive tests too (never run on a GPU before the first check); capped in time, since
+# memcheck slows kernels down by 10-100x.
+timeout 900 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+  python3 -m pytest -q -x -m gpu -k "cuda-cuda or cuda_primitives" tests/test_mcf_exactness.py \
+  tests/test_mcf_grow_scale.py tests/test_contrastive_cuda_primitives.py tests/test_cross_entropy_cuda_primitives.py \
   >"$out/memcheck.log" 2>&1
 memcheck_status=$?
 tail -5 "$out/memcheck.log"
