@@ -48,17 +48,11 @@ METHODS = tuple(METHOD_NOTES)
 
 
 @dataclasses.dataclass
-class ContrastiveRow(common.Row):
-    """A ``common.Row`` (``elements`` is the batch size B) with what a contrastive loss adds: the shape, the FLOP
-    floor and the fraction of the device's peak it reaches, the peak extra memory, and the check's errors."""
+class ContrastiveRow(measurement.TimedRow):
+    """A ``measurement.TimedRow`` (``elements`` is the batch size B) with what a contrastive loss adds: the shape
+    and the check's errors."""
     batch: int = 0
     dim: int = 0
-    flop_floor: float = 0.0
-    tflops: float | None = None
-    fraction_of_peak: float | None = None
-    peak_extra_bytes: int | None = None
-    out_of_memory: bool = False
-    repeats: int | None = None
     loss_error: float | None = None
     grad_error: float | None = None
     loss_tolerance: float | None = None
@@ -202,21 +196,12 @@ def candidate_methods(spec: LossSpec, device: torch.device) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The check against float64.
 
-@dataclasses.dataclass
-class CheckResult:
-    passed: bool
-    loss_error: float | None = None
-    grad_error: float | None = None
-    loss_tolerance: float | None = None
-    grad_tolerance: float | None = None
-    problem: str = ""
-
-
-class Checker:
+class Checker(measurement.Checker):
     """Compares methods with plain PyTorch in float64 on one set of inputs at B = CHECK_BATCH (computed once)."""
 
     def __init__(self, spec: LossSpec, dim: int, dtype: torch.dtype, device: torch.device):
-        self.spec, self.dtype = spec, dtype
+        super().__init__({"loss": "loss", "grad": "grad x"}, dtype, f"B={CHECK_BATCH}")
+        self.spec = spec
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(1234)
         self.x, self.y, self.parameters = make_inputs(spec, CHECK_BATCH, dim, dtype, device)
@@ -228,32 +213,14 @@ class Checker:
         (grad64,) = torch.autograd.grad(loss64, x64)
         self.exact = (loss64.detach(), grad64)
         self.plain_errors = self._errors(spec.plain)
-        self.results: dict[str, CheckResult] = {}
 
     def _errors(self, function: Callable) -> tuple[float, float]:
         loss = function(self.x, self.y, self.parameters)
         (grad,) = torch.autograd.grad(loss, self.x)
         return measurement.relative_error(loss, self.exact[0]), measurement.relative_error(grad, self.exact[1])
 
-    def check(self, method: str) -> CheckResult:
-        if method not in self.results:
-            self.results[method] = self._check(method)
-        return self.results[method]
-
-    def _check(self, method: str) -> CheckResult:
-        try:
-            loss_error, grad_error = self._errors(_method_function(self.spec, method))
-        except Exception as error:  # noqa: BLE001 - a crashing method is a failure row, not a crash
-            return CheckResult(False, problem=f"failed: {type(error).__name__}: {error}".splitlines()[0])
-        plain = method == "pytorch"
-        loss_tolerance = measurement.tolerance(self.dtype, self.plain_errors[0], plain)
-        grad_tolerance = measurement.tolerance(self.dtype, self.plain_errors[1], plain)
-        # `not (error <= tolerance)`: a NaN error never passes.
-        problems = [f"{name} relative error {error:.2e} > {tolerance:.2e} (B={CHECK_BATCH}, vs float64)"
-                    for name, error, tolerance in (("loss", loss_error, loss_tolerance),
-                                                   ("grad x", grad_error, grad_tolerance))
-                    if not error <= tolerance]
-        return CheckResult(not problems, loss_error, grad_error, loss_tolerance, grad_tolerance, "; ".join(problems))
+    def errors(self, method: str) -> tuple[float, float]:
+        return self._errors(_method_function(self.spec, method))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,13 +271,8 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
             if reasons[method] is not None:
                 row.note = reasons[method]
                 continue
-            result = checker.check(method)
-            row.loss_error, row.grad_error = result.loss_error, result.grad_error
-            row.loss_tolerance, row.grad_tolerance = result.loss_tolerance, result.grad_tolerance
-            if not result.passed:
-                row.check, row.note = "failed", result.problem
+            if not checker.check_row(row, method):
                 continue
-            row.check = "passed"
             function = _method_function(spec, method)
             measurement.measure_or_record(row, lambda: _forward_backward(function, *inputs), device, repeats, peak,
                                           f"B={batch}")
@@ -336,25 +298,15 @@ def format_report(report: common.Report) -> str:
     """A plain-text table of a clip/siglip report: one line per (B, method)."""
     from leanops import info
 
-    number = measurement.format_number
-    header = ["op", "dtype", "B", "D", "method", "ms", "GFLOP floor", "TFLOP/s", "% of peak", "peak extra mem",
-              "check", "note"]
+    header = ["op", "dtype", "B", "D", "method"] + measurement.TIMING_HEADER + ["check", "note"]
     rows = []
     for row in report.rows:
         batch = getattr(row, "batch", None) or row.elements
         dim = getattr(row, "dim", None)
-        flop_floor = getattr(row, "flop_floor", None)
-        fraction = getattr(row, "fraction_of_peak", None)
-        rows.append([row.op, row.dtype, str(batch), "" if dim is None else str(dim), row.backend,
-                     number(row.ms, "{:.3f}"), number(flop_floor and flop_floor / 1e9, "{:.1f}"),
-                     number(getattr(row, "tflops", None), "{:.3g}"),
-                     number(None if fraction is None else 100 * fraction, "{:.1f}%"),
-                     measurement.format_bytes(getattr(row, "peak_extra_bytes", None)), row.check, row.note])
+        rows.append([row.op, row.dtype, str(batch), "" if dim is None else str(dim), row.backend]
+                    + measurement.timing_cells(row) + [row.check, row.note])
     title = f"{report.family} on {info.device_name(report.device)}"
-    text = title + "\n" + common.format_table(header, rows)
-    if report.notes:
-        text += "\n" + "\n".join(f"note: {note}" for note in report.notes)
-    return text
+    return measurement.format_titled_table(title, header, rows, report.notes)
 
 
 def write_plots(out_dir: str, report: common.Report) -> list[str]:

@@ -14,12 +14,15 @@ import sys
 # Each benchmark family is "module" or "module:function" of leanops.benchmarks, the function (default: run) being
 # run(device, *, quick, repeats, elements, backend_names) -> leanops.benchmarks.common.Report. A module may also
 # define format_report(report) -> str (its own table) and write_plots(out_dir, report) -> list of paths.
-# A new family (ce, optim) adds one line here.
+# A new family (optim) adds one line here.
 BENCHMARK_FAMILIES = {
     "mcf": "leanops.benchmarks.bench_mcf",
     "clip": "leanops.benchmarks.bench_contrastive:run_clip",
     "siglip": "leanops.benchmarks.bench_contrastive:run_siglip",
+    "ce": "leanops.benchmarks.bench_cross_entropy:run",
 }
+# The family that takes `input_kinds=` (--inputs).
+INPUT_KIND_FAMILIES = ("ce",)
 
 
 def _info(arguments) -> int:
@@ -48,6 +51,8 @@ def _bench(arguments, parser) -> int:
     unknown = [family for family in arguments.families if family not in BENCHMARK_FAMILIES]
     if unknown:
         parser.error(f"unknown benchmark family {', '.join(unknown)}; choose from {', '.join(BENCHMARK_FAMILIES)}")
+    if arguments.inputs and arguments.families and not set(arguments.families) & set(INPUT_KIND_FAMILIES):
+        parser.error(f"--inputs applies to {', '.join(INPUT_KIND_FAMILIES)} only")
     device = torch.device(device_type)
     out_dir = arguments.out or _default_out_dir()
     backend_names = arguments.backends.split(",") if arguments.backends else None
@@ -60,9 +65,11 @@ def _bench(arguments, parser) -> int:
         module_name, _, function_name = BENCHMARK_FAMILIES[family].partition(":")
         module = importlib.import_module(module_name)
         print(f"leanops bench: running {family} on {device_type} ...", file=sys.stderr, flush=True)
+        options = {"input_kinds": arguments.inputs.split(",")} if arguments.inputs and \
+            family in INPUT_KIND_FAMILIES else {}
         report = getattr(module, function_name or "run")(
             device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
-            backend_names=backend_names)
+            backend_names=backend_names, **options)
         plot_paths = module.write_plots(out_dir, report) if hasattr(module, "write_plots") else []
         path = common.write_results(out_dir, report)
         for written in [path] + plot_paths:
@@ -102,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "GPU, 5 on the CPU)")
     bench_parser.add_argument("--backends", metavar="NAME[,NAME]",
                               help="only these backends (the reference always runs: it is the oracle)")
+    bench_parser.add_argument("--inputs", metavar="KIND[,KIND]",
+                              help="ce only: input kinds, trained-like and/or random (default: both on a GPU, "
+                                   "trained-like on the CPU)")
     # Hidden: the element count, overriding the family's default (tests use tiny sizes).
     bench_parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     bench_parser.set_defaults(subparser=bench_parser)
