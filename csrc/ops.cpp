@@ -51,4 +51,15 @@ TORCH_LIBRARY(leanops, m) {
       "linear_ce_backward(Tensor hidden, Tensor weight, Tensor bias, Tensor targets, float softcap, Tensor lse, "
       "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, Tensor grad_square_sum) -> "
       "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+
+  // Collage AdamW's fused multi-tensor step (python/leanops/reference/collage.py documents the math and is the
+  // oracle: every backend gives the same bits). Lists of equal length; tensor i of every list has the same shape,
+  // device and storage dtype (bfloat16 or float16), grads included; exp_avg_sqs_lo is empty unless `plus`.
+  // Updates params, params_lo, exp_avgs, exp_avg_sqs (and exp_avg_sqs_lo) in place; metrics, if given, is a float64
+  // (4,) tensor on the params' device that receives += (sum s*delta, sum delta^2, count of lost updates, count).
+  m.def(
+      "collage_adamw_step_(Tensor(a!)[] params, Tensor(b!)[] params_lo, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_sqs_lo, Tensor[] grads, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, float bias_correction1, float bias_correction2, bool plus, "
+      "Tensor(f!)? metrics) -> ()");
 }
