@@ -1,0 +1,88 @@
+"""Compiles the Collage AdamW Triton kernel (triton_kernels/collage.py) for Hopper (sm_90) without a GPU and prints,
+as JSON, what its PTX and ptxas report: fused multiply-adds, correctly rounded divisions and square roots (against
+approximate or flush-to-zero ones), 16-byte vector loads and stores, registers and spills.
+
+Run as a script, in a process where TRITON_INTERPRET is unset (under the interpreter kernels cannot be compiled);
+test_collage_triton_compile.py runs it and checks the report.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from leanops.triton_kernels import collage as kernels
+
+HOPPER = GPUTarget("cuda", 90, 32)
+STORAGES = {"float16": 1, "bfloat16": 2}
+SCALARS = ("neg_lr", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta2_hi", "beta2_lo", "eps",
+           "weight_decay", "bias_correction1", "bias_correction2")
+PTX_PATTERNS = {
+    "fma": r"\bfma\.rn\.f32\b",
+    "div_rn": r"\bdiv\.rn\.f32\b",
+    "div_approximate": r"\bdiv\.(?:full|approx)\.",
+    "sqrt_rn": r"\bsqrt\.rn\.f32\b",
+    "sqrt_approximate": r"\b(?:sqrt\.approx|rsqrt\.approx)\.",
+    "flush_to_zero": r"\.ftz\b",
+    "vector_loads": r"ld\.global[.\w]*\.v4",
+    "vector_stores": r"st\.global[.\w]*\.v4",
+}
+PTXAS_PATTERNS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
+                  "spill_loads": r"(\d+) bytes spill loads"}
+
+
+def ptxas_report(ptx: str) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        result = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", source, "-o",
+                                 os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True)
+    output = result.stdout + result.stderr
+    return {name: int(re.search(pattern, output).group(1)) for name, pattern in PTXAS_PATTERNS.items()}
+
+
+def compile_case(storage: int, plus: bool, metrics: bool, aligned: bool) -> dict:
+    signature = {"table_ptr": "*i64", "n_rows": "i32", "partials_ptr": "*fp64"}
+    signature.update({name: "fp32" for name in SCALARS})
+    constexprs = {"STORAGE": storage, "PLUS": plus, "METRICS": metrics, "ALIGNED": aligned,
+                  "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
+    signature.update({name: "constexpr" for name in constexprs})
+    # What Triton's launcher specialises at run time: torch's buffers (the table, the partials) are 16-byte aligned.
+    attributes = {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    source = ASTSource(fn=kernels._collage_adamw_kernel, signature=signature, constexprs=constexprs,
+                       attrs=attributes)
+    compiled = triton.compile(source, target=HOPPER,
+                              options={"num_warps": kernels.NUM_WARPS_GPU, "enable_fp_fusion": False})
+    if "cubin" not in compiled.asm:
+        raise RuntimeError("no cubin")
+    ptx = compiled.asm["ptx"]
+    report = {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
+    report.update(ptxas_report(ptx))
+    # Elements per thread, times two code paths (full chunks and the masked tail chunk).
+    report["elements_per_thread_paths"] = 2 * kernels.BLOCK_SIZE_GPU // (32 * kernels.NUM_WARPS_GPU)
+    return report
+
+
+def cases():
+    for dtype, storage in STORAGES.items():
+        for mode, plus in (("light", False), ("plus", True)):
+            yield f"{dtype}/{mode}/metrics/aligned", (storage, plus, True, True)
+    yield "bfloat16/light/no_metrics/aligned", (2, False, False, True)
+    yield "bfloat16/plus/metrics/unaligned", (2, True, True, False)
+
+
+def main() -> int:
+    report = {name: compile_case(*arguments) for name, arguments in cases()}
+    json.dump(report, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
