@@ -99,9 +99,10 @@ def _plain_float32_errors(targets, reduction, options, hidden, weight, bias, exp
 
 
 def _assert_float32_parity(backend, targets, reduction, options, hidden, weight, bias):
-    """Loss and gradients within max(1e-5, 2x plain float32 PyTorch's error) of float64: the loss and its gradients
-    are sums of O(logit) terms that cancel (at V = 1 the loss is exactly 0), a float32 residue no implementation
-    avoids."""
+    """Loss within max(1e-5, 2x plain float32 PyTorch's error) of float64, gradients within max(3e-5, 2x plain's):
+    the loss and its gradients are sums of O(logit) terms that cancel (at V = 1 the loss is exactly 0 and the
+    gradient a difference of its options' terms), a float32 residue no implementation avoids, and where plain
+    PyTorch happens to round luckily the floor decides."""
     expected, expected_grads = _loss_and_grads(_oracle(targets, reduction, **options), hidden, weight, bias)
     actual, actual_grads = _loss_and_grads(_ours(backend, targets, reduction, **options), hidden, weight, bias)
     plain_errors = _plain_float32_errors(targets, reduction, options, hidden, weight, bias, expected,
@@ -111,7 +112,8 @@ def _assert_float32_parity(backend, targets, reduction, options, hidden, weight,
                                                          [actual, *actual_grads], [expected, *expected_grads],
                                                          plain_errors):
         error = _relative_error(value, reference_value)
-        assert error <= max(1e-5, 2 * plain_error), f"{name} ({options}, {reduction}): {error:.3g}"
+        floor = 1e-5 if name == "loss" else 3e-5
+        assert error <= max(floor, 2 * plain_error), f"{name} ({options}, {reduction}): {error:.3g}"
     for grad, leaf in zip(actual_grads, [t for t in (hidden, weight, bias) if t is not None]):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
 

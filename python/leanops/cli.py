@@ -20,6 +20,7 @@ BENCHMARK_FAMILIES = {
     "clip": "leanops.benchmarks.bench_contrastive:run_clip",
     "siglip": "leanops.benchmarks.bench_contrastive:run_siglip",
     "ce": "leanops.benchmarks.bench_cross_entropy:run",
+    "optim": "leanops.benchmarks.bench_optim",
 }
 # The family that takes `input_kinds=` (--inputs).
 INPUT_KIND_FAMILIES = ("ce",)
