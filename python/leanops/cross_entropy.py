@@ -4,7 +4,7 @@ With hidden states h (N, D), classifier W (V, D), optional bias b (V,) and targe
 
     z = h W^T + b,   z' = c tanh(z / c) with softcap=c (Gemma 2), else z' = z,   lse = logsumexp_j z'_j
 
-    loss_n = lse - (1 - a) z'_t - (a / V) sum_j z'_j      cross-entropy with label smoothing a (as F.cross_entropy)
+    loss_n = (lse - z'_t) + a (z'_t - sum_j z'_j / V)     cross-entropy with label smoothing a (as F.cross_entropy)
              + l lse^2                                    z_loss=l (PaLM's auxiliary loss)
              + sum_{j != t} z'_j^2 / (V - 1)              squentropy=True (Hui & Belkin, "Cut your Losses with
                                                           Squentropy": the mean square loss over the wrong classes)
@@ -125,9 +125,11 @@ def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, target
     kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
     lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
         flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
-    loss = lse - (1.0 - label_smoothing) * target_logit
+    # (1 - a)(lse - z_t) + a (lse - mean z), written as nll + a (z_t - mean z): the terms that cancel (lse and z_t,
+    # equal for V = 1 or a confident token) meet in one subtraction, which is exact when they are equal.
+    loss = lse - target_logit
     if label_smoothing:
-        loss = loss - (label_smoothing / vocabulary) * logit_sum
+        loss = loss + label_smoothing * (target_logit - logit_sum / vocabulary)
     if z_loss:
         loss = loss + z_loss * lse.square()
     if squentropy and vocabulary > 1:
