@@ -70,10 +70,11 @@ def _tolerances(plain_fn, inputs, expected, expected_grads):
     plain, plain_grads = _loss_and_grads(plain_fn, [t.float() if t.is_floating_point() else t for t in inputs])
     loss_tolerance = max(3e-5, 2 * _relative_error(plain, expected))
     # Gradients: the softmax part (from the kernels) and the positive part (computed beside them) are both O(scale)
-    # and cancel for confident rows; 3e-4 covers that float32 cancellation at scale 60 with 70 features.
+    # and cancel for confident rows; 5e-4 covers that float32 cancellation at scale 60 with 70 features (errors up
+    # to 4.2e-4 were seen on random draws, with this code and before it, where plain float32 happened to do better).
     # A scalar scale's (or bias's) gradient is a sum over all B anchors of O(1) terms that nearly cancel: 1e-3 of
     # the 1e-2 floor is a few float32 roundings of those terms.
-    floors = [3e-4 if e.dim() > 0 else 1e-3 for e in expected_grads]
+    floors = [5e-4 if e.dim() > 0 else 1e-3 for e in expected_grads]
     return [loss_tolerance] + [max(floor, 2 * _relative_error(a, e))
                                for floor, a, e in zip(floors, plain_grads, expected_grads)]
 
