@@ -1,0 +1,459 @@
+"""FRUGAL: AdamW state on a subspace of the gradient, a state-free update on the rest.
+
+Zmushko et al. 2024, "FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training".
+The gradient G of every *split* parameter (a parameter group with ``split=True``) is cut in two:
+
+    G = G_full + R,        G_full in a low-dimensional subspace S,   R = G - G_full
+
+- G_full gets AdamW, with the moments m, v kept only for the coordinates of S (so the state of a split parameter
+  is about ``density`` times AdamW's 8 bytes per element):
+
+      m <- beta1 m + (1 - beta1) g_S,    v <- beta2 v + (1 - beta2) g_S^2,
+      theta <- theta - lr_full * back( (m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps) )
+
+  with lr_full = lr * state_full_lr_scale, g_S the coordinates of G in S and ``back`` the map from S back to the
+  parameter's shape.
+- R gets a state-free step with lr_free = lr * state_free_lr_scale:
+  ``"signsgd"``: theta <- theta - lr_free * sign(R); ``"sgd"``: theta <- theta - lr_free * R; ``"none"``: nothing.
+- Decoupled weight decay on the whole parameter first, as torch.optim.AdamW: theta <- theta (1 - lr * weight_decay).
+
+Parameters of groups with ``split=False`` get plain AdamW (the same operations as torch.optim.AdamW(foreach=False),
+bit for bit). A parameter is handled as the matrix ``param.view(shape[0], -1)`` (a 1-D tensor as one row).
+
+Subspaces (``projection``), k = round(density * size) with Python's round:
+
+- ``"blockwise"``: k = round(density * number of tensors in the group) whole tensors are state-full (AdamW on
+  the whole tensor), the others fully state-free. ``block_order``: ``"random"`` (k tensors drawn without
+  replacement), ``"ascending"`` / ``"descending"`` (a window of k consecutive tensors, in group order or its
+  reverse, moving on by k at every switch, wrapping around).
+- ``"columns"`` / ``"rows"``: k random columns / rows of each matrix (sorted, stored as int32); the moments are
+  the (m x k) / (k x n) submatrices.
+- ``"random"``: on the smaller side s = min(m, n), P (s x r) orthonormal, r = round(density * s), the Q of the
+  QR of a seeded Gaussian. For m <= n, g_S = P^T G (r x n), back(U) = P U; for m > n, g_S = G P (m x r),
+  back(U) = U P^T. G_full = back(g_S).
+- ``"svd"``: as "random" with P the top-r left (m <= n) or right (m > n) singular vectors of the gradient at the
+  switch step (GaLore), recomputed at every switch.
+
+The subspaces are redrawn every ``update_gap`` steps (optimizer steps 1, 1 + update_gap, ...), from a
+torch.Generator seeded with ``seed`` (never the global RNG); the draws happen in group order, parameter by parameter,
+whether or not a parameter has a gradient at that step (svd excepted: it needs one), so a run is reproducible.
+``on_switch`` says what happens to the moments when a subspace changes (an unchanged subspace, e.g. density=1 for
+blockwise or columns, keeps its moments whatever the option):
+
+- ``"reset"``: the moments are zeroed and the bias correction restarts (step count 0). For blockwise, the whole
+  group is reset when its active set changes; tensors leaving it drop their state.
+- ``"project"``: columns/rows: the moments of the coordinates that stay are kept, new coordinates start at zero,
+  the step count goes on. blockwise: tensors that stay active keep their state, newly active ones start fresh.
+  random/svd: with C = P_new^T P_old (r x r), m' = C m and v' = (C * C) v (C squared elementwise: an
+  approximation that keeps v' >= 0; exact when C is a signed permutation), for the m > n side m' = m C^T,
+  v' = v (C * C)^T; the step count goes on.
+
+``state_dict()`` carries, besides the moments, the indices / projectors, the active blocks, the step counter and
+the generator state (uint8), so ``torch.load(weights_only=True)`` and a resumed run continues bit for bit.
+"""
+import math
+
+import torch
+
+from .. import backends
+
+Tensor = torch.Tensor
+
+OPERATION = "leanops.optim.FRUGAL"
+PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
+BLOCK_ORDERS = ("random", "ascending", "descending")
+STATE_FREE = ("signsgd", "sgd", "none")
+ON_SWITCH = ("reset", "project")
+PRECISIONS = ("fp32",)
+PLANNED_PRECISIONS = ("collage",)
+IMPLEMENTED_BACKENDS = ("reference",)
+HEAD_NAMES = ("lm_head", "head", "output")
+GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay", "density", "update_gap", "projection", "block_order",
+                 "state_free", "state_free_lr_scale", "state_full_lr_scale", "on_switch", "split")
+
+
+def _check_number(name, value, *, low=0.0, high=math.inf, where=""):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not low <= value <= high):
+        bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"{OPERATION}: argument '{name}'{where} must be a finite number {bounds}, got {value!r}")
+
+
+def _check_choice(name, value, choices, where=""):
+    if value not in choices:
+        raise ValueError(f"{OPERATION}: argument '{name}'{where} must be one of {choices}, got {value!r}")
+
+
+def _check_group(group: dict, where: str = "") -> None:
+    for name in ("lr", "eps", "weight_decay", "state_free_lr_scale", "state_full_lr_scale"):
+        _check_number(name, group[name], where=where)
+    betas = group["betas"]
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{OPERATION}: argument 'betas'{where} must be two numbers in [0, 1), got {betas!r}")
+    _check_number("density", group["density"], high=1.0, where=where)
+    gap = group["update_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"{OPERATION}: argument 'update_gap'{where} must be an integer >= 1, got {gap!r}")
+    _check_choice("projection", group["projection"], PROJECTIONS, where)
+    _check_choice("block_order", group["block_order"], BLOCK_ORDERS, where)
+    _check_choice("state_free", group["state_free"], STATE_FREE, where)
+    _check_choice("on_switch", group["on_switch"], ON_SWITCH, where)
+    if not isinstance(group["split"], bool):
+        raise ValueError(f"{OPERATION}: argument 'split'{where} must be a bool, got {group['split']!r}")
+
+
+def _check_precision_and_backend(precision, backend) -> None:
+    if precision in PLANNED_PRECISIONS:
+        raise NotImplementedError(f"{OPERATION}: precision={precision!r} is planned but not implemented yet; "
+                                  f"use precision='fp32'")
+    _check_choice("precision", precision, PRECISIONS)
+    if not isinstance(backend, str):
+        raise TypeError(f"{OPERATION}: argument 'backend' must be a string, got {type(backend).__name__}")
+    if backend == backends.AUTO or backend in IMPLEMENTED_BACKENDS:
+        return
+    if backend in backends.BACKENDS:
+        raise backends.BackendUnavailableError(
+            f"{OPERATION}: backend {backend!r} cannot serve this call: FRUGAL has no {backend} kernels yet "
+            f"(only the 'reference' implementation exists)")
+    raise ValueError(f"{OPERATION}: argument 'backend' must be one of {(backends.AUTO,) + backends.BACKENDS}, "
+                     f"got {backend!r}")
+
+
+def _matrix_shape(parameter: Tensor) -> tuple[int, int]:
+    if parameter.dim() == 0:
+        return 1, 1
+    if parameter.dim() == 1:
+        return 1, parameter.shape[0]
+    return parameter.shape[0], parameter.numel() // parameter.shape[0]
+
+
+def _subspace_size(density: float, size: int) -> int:
+    return min(size, max(0, round(density * size)))
+
+
+class FRUGAL(torch.optim.Optimizer):
+    """AdamW on a gradient subspace (``density`` of the coordinates) plus a state-free step on the rest.
+
+    Args:
+        params: parameters or parameter groups. Group option ``split`` (default True) says whether a group's
+            parameters are split; ``frugal_param_groups(model)`` gives the usual choice. Every option below except
+            precision, seed and backend can be set per group.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay on the whole parameter).
+        density: fraction in [0, 1] of each split parameter (or, blockwise, of the group's tensors) that is
+            state-full.
+        update_gap: steps between subspace switches (>= 1).
+        projection: "blockwise", "columns", "rows", "random" or "svd" (module docstring).
+        block_order: "random", "ascending" or "descending" (blockwise only).
+        state_free: "signsgd", "sgd" or "none": the update of the state-free remainder.
+        state_free_lr_scale, state_full_lr_scale: multiply lr for the state-free / state-full (AdamW) parts.
+        on_switch: "reset" or "project": what the moments do when a subspace changes (module docstring).
+        precision: "fp32" (moments and arithmetic in float32); "collage" is planned.
+        seed: seed of the generator the subspaces are drawn from.
+        backend: "auto" or "reference" (kernels are not written yet).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, density: float = 0.25, update_gap: int = 200,
+                 projection: str = "blockwise", block_order: str = "random", state_free: str = "signsgd",
+                 state_free_lr_scale: float = 1.0, state_full_lr_scale: float = 1.0, on_switch: str = "reset",
+                 precision: str = "fp32", seed: int = 0, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+                        weight_decay=weight_decay, density=density, update_gap=update_gap, projection=projection,
+                        block_order=block_order, state_free=state_free, state_free_lr_scale=state_free_lr_scale,
+                        state_full_lr_scale=state_full_lr_scale, on_switch=on_switch, split=True)
+        _check_group(defaults)
+        _check_precision_and_backend(precision, backend)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{OPERATION}: argument 'seed' must be an integer, got {seed!r}")
+        super().__init__(params, defaults)
+        for group_index, group in enumerate(self.param_groups):
+            _check_group(group, where=f" (parameter group {group_index})")
+            for parameter_index, parameter in enumerate(group["params"]):
+                if not parameter.is_floating_point():
+                    raise ValueError(f"{OPERATION}: parameter {parameter_index} of group {group_index} has dtype "
+                                     f"{parameter.dtype}; FRUGAL updates floating-point parameters")
+        self.precision = precision
+        self.seed = seed
+        self.backend = backend
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(seed)
+        self._steps_taken = 0
+        self._active_blocks: dict[int, Tensor] = {}
+
+    # -----------------------------------------------------------------------------------------------------------
+    # State.
+
+    def state_bytes(self) -> int:
+        """Bytes of per-parameter optimizer state (moments, int32 indices, projectors), excluding the parameters
+        and the constant-size generator state."""
+        return sum(value.numel() * value.element_size() for state in self.state.values()
+                   for value in state.values() if isinstance(value, Tensor))
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["frugal"] = {
+            "steps_taken": self._steps_taken,
+            "generator": self._generator.get_state(),
+            "active_blocks": {index: blocks.clone() for index, blocks in self._active_blocks.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("frugal")
+        if extra is None:
+            raise ValueError(f"{OPERATION}.load_state_dict: argument 'state_dict' lacks the 'frugal' entry "
+                             f"(not a FRUGAL state dict)")
+        saved_groups = state_dict["param_groups"]
+        # The base class would cast every state tensor to its parameter's dtype (int32 indices included): load the
+        # groups through it and install the state here, keeping each tensor's dtype.
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for group_index, group in enumerate(self.param_groups):
+            _check_group(group, where=f" (parameter group {group_index})")
+        by_id = {saved_id: parameter for saved, group in zip(saved_groups, self.param_groups)
+                 for saved_id, parameter in zip(saved["params"], group["params"])}
+        self.state.clear()
+        for saved_id, saved_state in state_dict["state"].items():
+            parameter = by_id[saved_id]
+            self.state[parameter] = {key: value.to(device=parameter.device).clone() if isinstance(value, Tensor)
+                                     else value for key, value in saved_state.items()}
+        self._steps_taken = int(extra["steps_taken"])
+        self._generator.set_state(extra["generator"].clone())
+        self._active_blocks = {int(index): blocks.clone() for index, blocks in extra["active_blocks"].items()}
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Subspaces.
+
+    def _draw_blocks(self, group_index: int, group: dict) -> None:
+        count = len(group["params"])
+        active = _subspace_size(group["density"], count)
+        order = group["block_order"]
+        if order == "random":
+            chosen = torch.randperm(count, generator=self._generator)[:active].tolist()
+        else:
+            start = (self._steps_taken // group["update_gap"]) * active
+            chosen = [(start + j) % count for j in range(active)] if count else []
+            if order == "descending":
+                chosen = [count - 1 - position for position in chosen]
+        new = torch.tensor(sorted(chosen), dtype=torch.int32)
+        old = self._active_blocks.get(group_index)
+        self._active_blocks[group_index] = new
+        if old is not None and torch.equal(old, new):
+            return
+        stay = set(old.tolist()) & set(chosen) if old is not None and group["on_switch"] == "project" else set()
+        for position, parameter in enumerate(group["params"]):
+            if position not in stay:
+                self.state.pop(parameter, None)
+
+    def _draw_subspace(self, group: dict, parameter: Tensor) -> None:
+        """A new subspace for one parameter of a columns/rows/random/svd group, moving its moments (on_switch)."""
+        projection = group["projection"]
+        rows, columns = _matrix_shape(parameter)
+        state = self.state[parameter]
+        project = group["on_switch"] == "project"
+        if projection in ("columns", "rows"):
+            size = columns if projection == "columns" else rows
+            count = _subspace_size(group["density"], size)
+            new = torch.randperm(size, generator=self._generator)[:count].sort().values.to(torch.int32)
+            new = new.to(parameter.device)
+            old = state.get("indices")
+            state["indices"] = new
+            if old is None or torch.equal(old, new):
+                if old is None:
+                    self._fresh_moments(state, parameter, projection, new.numel())
+                return
+            if not project:
+                self._fresh_moments(state, parameter, projection, new.numel())
+                return
+            dim = 1 if projection == "columns" else 0
+            # Position of each new index among the old ones, -1 for a coordinate that is new.
+            where_old = torch.full((size,), -1, dtype=torch.long, device=parameter.device)
+            where_old[old.long()] = torch.arange(old.numel(), device=parameter.device)
+            source = where_old[new.long()]
+            keep = source >= 0
+            for key in ("exp_avg", "exp_avg_sq"):
+                shape = list(state[key].shape)
+                shape[dim] = new.numel()
+                moved = state[key].new_zeros(shape)
+                kept = state[key].index_select(dim, source[keep])
+                moved.index_copy_(dim, keep.nonzero().flatten(), kept)
+                state[key] = moved
+            return
+        # random / svd: P on the smaller side.
+        side = min(rows, columns)
+        rank = _subspace_size(group["density"], side)
+        if projection == "random":
+            gaussian = torch.randn(side, rank, generator=self._generator, dtype=torch.float32)
+            new = torch.linalg.qr(gaussian).Q if rank else gaussian
+            new = new.to(parameter.device).contiguous()
+        else:
+            if parameter.grad is None:
+                return  # drawn when a gradient is there (see step)
+            gradient = parameter.grad.reshape(rows, columns).to(torch.float32)
+            if rank == 0:
+                new = gradient.new_zeros(side, 0)
+            else:
+                left, _, right_t = torch.linalg.svd(gradient, full_matrices=False)
+                new = (left[:, :rank] if rows <= columns else right_t[:rank].T).contiguous()
+        old = state.get("projector")
+        state["projector"] = new
+        if old is None or not project:
+            self._fresh_moments(state, parameter, projection, rank)
+            return
+        mixing = new.T @ old  # C = P_new^T P_old, r x r
+        if rows <= columns:
+            state["exp_avg"] = mixing @ state["exp_avg"]
+            state["exp_avg_sq"] = (mixing * mixing) @ state["exp_avg_sq"]
+        else:
+            state["exp_avg"] = state["exp_avg"] @ mixing.T
+            state["exp_avg_sq"] = state["exp_avg_sq"] @ (mixing * mixing).T
+
+    @staticmethod
+    def _fresh_moments(state: dict, parameter: Tensor, projection: str, count: int) -> None:
+        rows, columns = _matrix_shape(parameter)
+        if projection == "columns":
+            shape = (rows, count)
+        elif projection == "rows":
+            shape = (count, columns)
+        else:  # random / svd
+            shape = (count, columns) if rows <= columns else (rows, count)
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=parameter.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=parameter.device)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # The step.
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            for parameter in group["params"]:
+                if parameter.grad is not None and parameter.grad.is_sparse:
+                    raise ValueError(f"{OPERATION}: sparse gradients are not supported")
+            switching = self._steps_taken % group["update_gap"] == 0
+            if group["split"]:
+                if group["projection"] == "blockwise":
+                    if switching or group_index not in self._active_blocks:
+                        self._draw_blocks(group_index, group)
+                else:
+                    for parameter in group["params"]:
+                        missing = "indices" not in self.state[parameter] and "projector" not in self.state[parameter]
+                        if switching or (missing and parameter.grad is not None):
+                            self._draw_subspace(group, parameter)
+            active = (set(self._active_blocks[group_index].tolist())
+                      if group["split"] and group["projection"] == "blockwise" else None)
+            for position, parameter in enumerate(group["params"]):
+                if parameter.grad is None:
+                    continue
+                work = parameter if parameter.dtype == torch.float32 and parameter.is_contiguous() \
+                    else parameter.detach().to(torch.float32, memory_format=torch.contiguous_format)
+                gradient = parameter.grad.to(torch.float32, memory_format=torch.contiguous_format)
+                if group["weight_decay"] != 0:
+                    work.mul_(1 - group["lr"] * group["weight_decay"])
+                if not group["split"] or (active is not None and position in active):
+                    self._adamw(group, parameter, work, gradient)
+                elif active is not None:
+                    self._state_free(group, work, gradient)
+                else:
+                    self._split_update(group, parameter, work, gradient)
+                if work is not parameter:
+                    parameter.copy_(work)
+        self._steps_taken += 1
+        return loss
+
+    def _moments_step(self, group: dict, state: dict, gradient: Tensor) -> tuple[float, Tensor]:
+        """Advance m, v with the subspace gradient; return (step_size, denom) as torch.optim.AdamW computes them."""
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        state["exp_avg"].lerp_(gradient, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2 = 1 - beta2 ** step
+        step_size = group["lr"] * group["state_full_lr_scale"] / bias_correction1
+        denom = (state["exp_avg_sq"].sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
+        return step_size, denom
+
+    def _adamw(self, group: dict, parameter: Tensor, work: Tensor, gradient: Tensor) -> None:
+        """Plain AdamW on the whole tensor (not split, or an active block)."""
+        state = self.state[parameter]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(work)
+            state["exp_avg_sq"] = torch.zeros_like(work)
+        step_size, denom = self._moments_step(group, state, gradient)
+        work.addcdiv_(state["exp_avg"], denom, value=-step_size)
+
+    @staticmethod
+    def _state_free(group: dict, work: Tensor, remainder: Tensor) -> None:
+        rule = group["state_free"]
+        rate = group["lr"] * group["state_free_lr_scale"]
+        if rule == "signsgd":
+            work.add_(remainder.sign(), alpha=-rate)
+        elif rule == "sgd":
+            work.add_(remainder, alpha=-rate)
+
+    def _split_update(self, group: dict, parameter: Tensor, work: Tensor, gradient: Tensor) -> None:
+        state = self.state[parameter]
+        rows, columns = _matrix_shape(parameter)
+        matrix = work.view(rows, columns)
+        gradient = gradient.view(rows, columns)
+        if group["projection"] in ("columns", "rows"):
+            dim = 1 if group["projection"] == "columns" else 0
+            indices = state["indices"].long()
+            if indices.numel():
+                # Gather, update with exactly AdamW's operations, scatter back: the subspace coordinates get the
+                # bits AdamW on the submatrix would give.
+                sub = matrix.index_select(dim, indices)
+                step_size, denom = self._moments_step(group, state, gradient.index_select(dim, indices))
+                sub.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                matrix.index_copy_(dim, indices, sub)
+            if group["state_free"] != "none" and indices.numel() < matrix.shape[dim]:
+                self._state_free(group, matrix, gradient.clone().index_fill_(dim, indices, 0))
+            return
+        projector = state["projector"]
+        left = rows <= columns
+        if projector.shape[1]:
+            projected = projector.T @ gradient if left else gradient @ projector
+            step_size, denom = self._moments_step(group, state, projected)
+            direction = state["exp_avg"] / denom
+            matrix.add_(projector @ direction if left else direction @ projector.T, alpha=-step_size)
+            remainder = gradient - (projector @ projected if left else projected @ projector.T)
+        else:
+            remainder = gradient
+        self._state_free(group, matrix, remainder)
+
+
+def frugal_param_groups(model: torch.nn.Module) -> list[dict]:
+    """The usual FRUGAL split of a model: [{"params": ..., "split": True}, {"params": ..., "split": False}].
+
+    The 2-D weights of nn.Linear layers are split. Everything else stays fully AdamW: embeddings, norms, biases,
+    and the output head, i.e. a Linear whose weight is an embedding's (tied), and the last Linear whose own name
+    is lm_head, head or output. Empty groups are left out; add any option to a group to override it there.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"leanops.optim.frugal_param_groups: argument 'model' must be a torch.nn.Module, "
+                        f"got {type(model).__name__}")
+    embedding_weights = {id(module.weight) for module in model.modules()
+                         if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))}
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    heads = [module for name, module in linears if name.rsplit(".", 1)[-1] in HEAD_NAMES]
+    head = heads[-1] if heads else None
+    split_ids = {id(module.weight) for _, module in linears
+                 if module is not head and module.weight.dim() == 2 and id(module.weight) not in embedding_weights}
+    split, full, seen = [], [], set()
+    for parameter in model.parameters():  # deduplicated (tied weights appear once)
+        if id(parameter) in seen or not parameter.requires_grad:
+            continue
+        seen.add(id(parameter))
+        (split if id(parameter) in split_ids else full).append(parameter)
+    groups = []
+    if split:
+        groups.append({"params": split, "split": True})
+    if full:
+        groups.append({"params": full, "split": False})
+    return groups
