@@ -24,8 +24,8 @@ there is one, and the bf16 model copy (``bytes_per_param_total``).
 Before any time is reported: each Collage kernel backend's step must give bit for bit the results of
 backend="reference" (CHECK_SHAPE, CHECK_STEPS steps: parameter, compensation and moments); and every method's
 first step on a CHECK_SHAPE tensor is compared with torch's AdamW in float64 on the same values: the relative error
-(2-norm) of the stored update (for the compensated methods, parameter + compensation) must stay within the tolerance of its
-kind (UPDATE_TOLERANCE). A failed check is a failure row, never a time.
+(2-norm) of the stored update (for the compensated methods, parameter + compensation) must stay within the
+tolerance of its kind (UPDATE_TOLERANCE). A failed check is a failure row, never a time.
 """
 import dataclasses
 import importlib

@@ -2,8 +2,8 @@
 
 MCF: the generated PTX keeps the properties exactness and bandwidth depend on: no fused multiply-add except where
 the algorithm asks for one (TwoProd, inside two_prod and scale), and 16-byte vector loads and stores of full-size
-operands. Losses (contrastive, linear cross-entropy): every tile candidate the launchers may pick compiles without register spills, within the
-SM's shared memory, and 16-bit features run on the tensor cores (wgmma)."""
+operands. Losses (contrastive, linear cross-entropy): every tile candidate the launchers may pick compiles without
+register spills, within the SM's shared memory, and 16-bit features run on the tensor cores (wgmma)."""
 import json
 import os
 import subprocess

@@ -116,3 +116,13 @@ def compiled_backends_with(operator: str) -> tuple[str, ...]:
         return ()
     return tuple(backend for backend, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                  if torch._C._dispatch_has_kernel_for_dispatch_key(f"leanops::{operator}", key))
+
+
+def operator_namespace(backend: str) -> str:
+    """The torch.ops namespace whose operators serve `backend`: the C++ kernels (cpu, cuda) register in
+    ``leanops``, the Triton kernels in ``leanops_triton``, the plain-PyTorch versions in ``leanops_reference``."""
+    if backend == "triton":
+        return "leanops_triton"
+    if backend in ("cpu", "cuda"):
+        return "leanops"
+    return "leanops_reference"

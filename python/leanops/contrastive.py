@@ -37,15 +37,6 @@ REDUCTIONS = ("mean", "sum", "none")
 IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("clip_forward")
 
 
-def _primitives(backend: str) -> str:
-    """The namespace of the blockwise primitives that serves `backend`."""
-    if backend == "triton":
-        return "leanops_triton"
-    if backend in ("cpu", "cuda"):
-        return "leanops"
-    return "leanops_reference"
-
-
 def _check_features(op: str, image_features, text_features) -> None:
     _validation.check_tensor(op, "image_features", image_features, FEATURE_DTYPES)
     _validation.check_like(op, "text_features", text_features, "image_features", image_features)
@@ -171,7 +162,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, lab
     if chosen == "reference":
         return reference_contrastive.clip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype), scale,
                                                labels, reduction)
-    return _clip_from_primitives(_primitives(chosen), image_features, text_features, scale, labels, reduction)
+    namespace = backends.operator_namespace(chosen)
+    return _clip_from_primitives(namespace, image_features, text_features, scale, labels, reduction)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
@@ -191,7 +183,8 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     if chosen == "reference":
         return reference_contrastive.siglip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype),
                                                  scale, bias, labels, reduction)
-    return _siglip_from_primitives(_primitives(chosen), image_features, text_features, scale, bias, labels,
+    namespace = backends.operator_namespace(chosen)
+    return _siglip_from_primitives(namespace, image_features, text_features, scale, bias, labels,
                                    reduction)
 
 

@@ -38,15 +38,6 @@ IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("linear_
 PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 
-def _namespace(backend: str) -> str:
-    """The namespace of the chunked primitives that serves `backend`."""
-    if backend == "triton":
-        return "leanops_triton"
-    if backend in ("cpu", "cuda"):
-        return "leanops"
-    return "leanops_reference"
-
-
 def _check_number(op: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: argument '{name}' must be a number, got {type(value).__name__}")
@@ -170,7 +161,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
             squentropy=squentropy, reduction=reduction)
         return loss
-    return _loss_from_primitives(_namespace(chosen), hidden, weight, targets, bias, ignore_index, label_smoothing,
+    namespace = backends.operator_namespace(chosen)
+    return _loss_from_primitives(namespace, hidden, weight, targets, bias, ignore_index, label_smoothing,
                                  z_loss, softcap, squentropy, reduction)
 
 

@@ -38,14 +38,6 @@ IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("collage
 PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
-def _namespace(backend: str) -> str:
-    if backend == "triton":
-        return "leanops_triton"
-    if backend in ("cpu", "cuda"):
-        return "leanops"
-    return "leanops_reference"
-
-
 def _check_hyperparameters(lr, betas, eps, weight_decay, mode) -> None:
     op = "leanops.optim.CollageAdamW"
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
@@ -146,7 +138,7 @@ class CollageAdamW(torch.optim.Optimizer):
         grads = [parameter.grad.contiguous() for parameter in parameters]
         if any(not parameter.is_contiguous() for parameter in parameters):
             raise ValueError("leanops.optim.CollageAdamW: parameters must be contiguous tensors")
-        getattr(torch.ops, _namespace(chosen)).collage_adamw_step_(
+        getattr(torch.ops, backends.operator_namespace(chosen)).collage_adamw_step_(
             parameters, [s["param_lo"] for s in states], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["exp_avg_sq_lo"] for s in states] if plus else [], grads,
             float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
