@@ -3,6 +3,9 @@
 # compute-sanitizer's memcheck for the CUDA kernels), run the benchmarks, and print a short table last.
 #
 #   bash scripts/gpu_check.sh            # from the repository root; logs and JSON go to $OUT (or ./gpu-check)
+#   STEPS="build tests" bash scripts/gpu_check.sh          # some steps only (build tests memcheck bench); the
+#   STEPS="build bench" FAMILIES="clip siglip" bash ...    # device tool allows 10 minutes per call, so a full
+#                                                          # check is several calls on one warm machine
 #
 # The machine has no network: it uses its own python3 (torch, triton, pytest installed) and builds with
 # --no-build-isolation. Peers' wheels, when carried in .whl/ (../shared/tools/peer_wheels.sh), are installed into a
@@ -25,15 +28,24 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+steps=${STEPS:-build tests memcheck bench}
+wants() { [[ " $steps " == *" $1 "* ]]; }
+test_status=0 memcheck_status=0 bench_status=0
+
+wants build && {
 step "build"
 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 leanops info | tee "$out/info.txt"
+}
 
+wants tests && {
 step "tests on the GPU (the whole suite: CUDA and Triton cases run natively here)"
 python3 -m pytest -q -x tests/ 2>&1 | tee "$out/pytest.log" | tail -25
 test_status=${PIPESTATUS[0]}
 [ "$test_status" -eq 0 ] || status=1
+}
 
+wants memcheck && {
 step "CUDA kernels under compute-sanitizer memcheck"
 # The loss kernels' primitive tests too (never run on a GPU before the first check); capped in time, since
 # memcheck slows kernels down by 10-100x.
@@ -45,11 +57,15 @@ timeout 900 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 2
 memcheck_status=$?
 tail -5 "$out/memcheck.log"
 [ "$memcheck_status" -eq 0 ] || status=1
+}
 
-step "benchmarks"
-leanops bench --device cuda --out "$out" 2>&1 | tee "$out/bench.log" | tail -40
+wants bench && {
+step "benchmarks ${FAMILIES:-(all families)}"
+# shellcheck disable=SC2086  # FAMILIES is a list of words
+leanops bench ${FAMILIES:-} --device cuda --out "$out" 2>&1 | tee "$out/bench.log" | tail -40
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
+}
 
 step "summary"
 printf '%-34s %s\n' "pytest (GPU + CPU)" "$([ "$test_status" -eq 0 ] && echo passed || echo FAILED)" \
