@@ -68,9 +68,12 @@ bench_status=${PIPESTATUS[0]}
 }
 
 step "summary"
-printf '%-34s %s\n' "pytest (GPU + CPU)" "$([ "$test_status" -eq 0 ] && echo passed || echo FAILED)" \
-  "compute-sanitizer memcheck" "$([ "$memcheck_status" -eq 0 ] && echo clean || echo FAILED)" \
-  "leanops bench (checked vs reference)" "$([ "$bench_status" -eq 0 ] && echo passed || echo FAILED)"
+outcome() {  # step name, its status, the word for success
+  if ! wants "$1"; then echo "not run"; elif [ "$2" -eq 0 ]; then echo "$3"; else echo FAILED; fi
+}
+printf '%-34s %s\n' "pytest (GPU + CPU)" "$(outcome tests "$test_status" passed)" \
+  "compute-sanitizer memcheck" "$(outcome memcheck "$memcheck_status" clean)" \
+  "leanops bench (checked vs reference)" "$(outcome bench "$bench_status" passed)"
 python3 - "$out" <<'PY'
 import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*-cuda.json")):
