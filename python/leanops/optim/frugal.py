@@ -48,12 +48,16 @@ blockwise or columns, keeps its moments whatever the option):
   approximation that keeps v' >= 0; exact when C is a signed permutation), for the m > n side m' = m C^T,
   v' = v (C * C)^T; the step count goes on.
 
+Under torch.distributed every rank uses the subspace that rank 0 drew: it is broadcast at each switch (indices,
+projectors, active blocks), rather than trusting that the ranks' generators agree.
+
 ``state_dict()`` carries, besides the moments, the indices / projectors, the active blocks, the step counter and
 the generator state (uint8), so ``torch.load(weights_only=True)`` and a resumed run continues bit for bit.
 """
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import backends
 
@@ -130,6 +134,19 @@ def _matrix_shape(parameter: Tensor) -> tuple[int, int]:
 
 def _subspace_size(density: float, size: int) -> int:
     return min(size, max(0, round(density * size)))
+
+
+def _from_rank_zero(drawn: Tensor) -> Tensor:
+    """Under torch.distributed, every rank takes the subspace rank 0 drew (broadcast): ranks must agree on it, and
+    a shared seed is not trusted to ensure that (a rank may have been seeded differently, or an svd may differ in
+    its last bits). Without an initialised process group, `drawn` itself. NCCL moves CUDA tensors only."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return drawn
+    carrier = drawn.contiguous()
+    if dist.get_backend() == "nccl" and carrier.device.type != "cuda":
+        carrier = carrier.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.broadcast(carrier, src=0)
+    return carrier.to(drawn.device)
 
 
 class FRUGAL(torch.optim.Optimizer):
@@ -235,7 +252,8 @@ class FRUGAL(torch.optim.Optimizer):
             chosen = [(start + j) % count for j in range(active)] if count else []
             if order == "descending":
                 chosen = [count - 1 - position for position in chosen]
-        new = torch.tensor(sorted(chosen), dtype=torch.int32)
+        new = _from_rank_zero(torch.tensor(sorted(chosen), dtype=torch.int32))
+        chosen = new.tolist()
         old = self._active_blocks.get(group_index)
         self._active_blocks[group_index] = new
         if old is not None and torch.equal(old, new):
@@ -255,7 +273,7 @@ class FRUGAL(torch.optim.Optimizer):
             size = columns if projection == "columns" else rows
             count = _subspace_size(group["density"], size)
             new = torch.randperm(size, generator=self._generator)[:count].sort().values.to(torch.int32)
-            new = new.to(parameter.device)
+            new = _from_rank_zero(new.to(parameter.device))
             old = state.get("indices")
             state["indices"] = new
             if old is None or torch.equal(old, new):
@@ -295,6 +313,7 @@ class FRUGAL(torch.optim.Optimizer):
             else:
                 left, _, right_t = torch.linalg.svd(gradient, full_matrices=False)
                 new = (left[:, :rank] if rows <= columns else right_t[:rank].T).contiguous()
+        new = _from_rank_zero(new)
         old = state.get("projector")
         state["projector"] = new
         if old is None or not project:
