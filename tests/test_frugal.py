@@ -27,7 +27,7 @@ def gradients(step, shapes=SHAPES):
 def run(optimizer, parameters, steps, start=0, shapes=SHAPES):
     for step in range(start, start + steps):
         for parameter, gradient in zip(parameters, gradients(step, shapes)):
-            parameter.grad = gradient.clone()
+            parameter.grad = gradient.to(parameter.dtype)
         optimizer.step()
 
 
@@ -197,14 +197,21 @@ def test_state_bytes_match_density(projection):
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("on_switch", ["reset", "project"])
-def test_checkpoint_round_trip_bit_for_bit(projection, on_switch):
+@pytest.mark.parametrize("precision", ["fp32", "collage"])
+def test_checkpoint_round_trip_bit_for_bit(projection, on_switch, precision):
+    """precision="collage" runs on bfloat16 parameters: the compensation travels in the checkpoint too."""
     options = dict(lr=1e-2, weight_decay=0.01, density=0.4, update_gap=3, projection=projection,
-                   on_switch=on_switch, seed=7)
-    straight = make_parameters()
+                   on_switch=on_switch, seed=7, precision=precision)
+    dtype = torch.bfloat16 if precision == "collage" else torch.float32
+
+    def make():
+        return [torch.nn.Parameter(p.detach().to(dtype)) for p in make_parameters()]
+
+    straight = make()
     optimizer = FRUGAL(straight, **options)
     run(optimizer, straight, 10)
 
-    first = make_parameters()
+    first = make()
     optimizer = FRUGAL(first, **options)
     run(optimizer, first, 6)  # the next step (the 7th) switches
     buffer = io.BytesIO()
@@ -263,9 +270,9 @@ def test_bad_group_option_names_the_argument_and_group():
         FRUGAL([{"params": make_parameters(), "split": "yes"}])
 
 
-def test_precision_and_backend_not_yet_available():
-    with pytest.raises(NotImplementedError, match="planned"):
-        FRUGAL(make_parameters(), precision="collage")
+def test_backends_without_kernels_and_unknown_precision_are_refused():
+    with pytest.raises(ValueError, match="'precision'"):
+        FRUGAL(make_parameters(), precision="bf16")
     for backend in ("cpu", "cuda", "triton"):
         with pytest.raises(leanops.BackendUnavailableError, match="no .* kernels yet"):
             FRUGAL(make_parameters(), backend=backend)
@@ -294,3 +301,33 @@ def test_random_projection_project_carries_moments(shape):
     torch.testing.assert_close(state["exp_avg"], carried_m.lerp(projected, 0.1), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(state["exp_avg_sq"], carried_v * 0.999 + 0.001 * projected ** 2,
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("projection", ["blockwise", "columns", "random"])
+def test_collage_precision_keeps_the_updates_that_bfloat16_rounds_away(projection):
+    """precision="collage": bfloat16 parameters ~1 and lr 1e-4 (each update far below bf16's half-ulp): the stored
+    pair realises the float32 FRUGAL run's change to within 1%, while rounding to bfloat16 after each step (precision
+    "fp32" on bfloat16 parameters) loses all of it. Same seed, hence the same subspaces, in all three runs."""
+    generator = torch.Generator().manual_seed(11)
+    starts = [(1 + 0.5 * torch.rand(shape, generator=generator)).bfloat16() for shape in ((8, 12), (12, 8), (6, 6))]
+    # state_free="sgd": updates that vary from step to step, as AdamW's do. A constant update (signSGD's) repeats
+    # one rounding error of the pair with one sign and can miss by a few percent (tests/test_mcf_grow_scale.py).
+    options = dict(lr=1e-4, density=0.5, update_gap=5, projection=projection, state_free="sgd", seed=3)
+    exact = [torch.nn.Parameter(start.float()) for start in starts]
+    ours = [torch.nn.Parameter(start.clone()) for start in starts]
+    plain = [torch.nn.Parameter(start.clone()) for start in starts]
+    optimizers = [FRUGAL(exact, **options), FRUGAL(ours, precision="collage", **options), FRUGAL(plain, **options)]
+    for _ in range(200):
+        grads = [(1 + 0.5 * torch.randn(start.shape, generator=generator)).bfloat16() for start in starts]
+        for parameters, cast in ((exact, torch.float32), (ours, torch.bfloat16), (plain, torch.bfloat16)):
+            for parameter, grad in zip(parameters, grads):
+                parameter.grad = grad.to(cast)
+        for optimizer in optimizers:
+            optimizer.step()
+    intended = torch.cat([(p.detach().double() - s.double()).flatten() for p, s in zip(exact, starts)])
+    realised = torch.cat([(p.detach().double() + optimizers[1].state[p]["param_lo"].double()
+                           - s.double()).flatten() for p, s in zip(ours, starts)])
+    lost = torch.cat([(p.detach().double() - s.double()).flatten() for p, s in zip(plain, starts)])
+    ratio = ((realised * intended).sum() / (intended * intended).sum()).item()
+    assert abs(ratio - 1) < 0.01, ratio
+    assert ((lost * intended).sum() / (intended * intended).sum()).abs().item() < 0.05

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .. import backends
+from ..reference import mcf as reference_mcf
 
 Tensor = torch.Tensor
 
@@ -68,8 +69,8 @@ PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
 BLOCK_ORDERS = ("random", "ascending", "descending")
 STATE_FREE = ("signsgd", "sgd", "none")
 ON_SWITCH = ("reset", "project")
-PRECISIONS = ("fp32",)
-PLANNED_PRECISIONS = ("collage",)
+PRECISIONS = ("fp32", "collage")
+COMPENSATED_DTYPES = (torch.bfloat16, torch.float16)
 IMPLEMENTED_BACKENDS = ("reference",)
 HEAD_NAMES = ("lm_head", "head", "output")
 GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay", "density", "update_gap", "projection", "block_order",
@@ -108,9 +109,6 @@ def _check_group(group: dict, where: str = "") -> None:
 
 
 def _check_precision_and_backend(precision, backend) -> None:
-    if precision in PLANNED_PRECISIONS:
-        raise NotImplementedError(f"{OPERATION}: precision={precision!r} is planned but not implemented yet; "
-                                  f"use precision='fp32'")
     _check_choice("precision", precision, PRECISIONS)
     if not isinstance(backend, str):
         raise TypeError(f"{OPERATION}: argument 'backend' must be a string, got {type(backend).__name__}")
@@ -165,7 +163,10 @@ class FRUGAL(torch.optim.Optimizer):
         state_free: "signsgd", "sgd" or "none": the update of the state-free remainder.
         state_free_lr_scale, state_full_lr_scale: multiply lr for the state-free / state-full (AdamW) parts.
         on_switch: "reset" or "project": what the moments do when a subspace changes (module docstring).
-        precision: "fp32" (moments and arithmetic in float32); "collage" is planned.
+        precision: "fp32" (moments and arithmetic in float32; a 16-bit parameter is rounded after each step), or
+            "collage": moments and arithmetic in float32, and each bfloat16/float16 parameter is the pair
+            (theta, theta_lo) of Collage's multi-component floats, the step's change going in with Grow, so that
+            updates below theta's half-ulp accumulate (float32 parameters are updated as with "fp32").
         seed: seed of the generator the subspaces are drawn from.
         backend: "auto" or "reference" (kernels are not written yet).
     """
@@ -261,7 +262,7 @@ class FRUGAL(torch.optim.Optimizer):
         stay = set(old.tolist()) & set(chosen) if old is not None and group["on_switch"] == "project" else set()
         for position, parameter in enumerate(group["params"]):
             if position not in stay:
-                self.state.pop(parameter, None)
+                self._forget_moments(parameter)
 
     def _draw_subspace(self, group: dict, parameter: Tensor) -> None:
         """A new subspace for one parameter of a columns/rows/random/svd group, moving its moments (on_switch)."""
@@ -327,6 +328,16 @@ class FRUGAL(torch.optim.Optimizer):
             state["exp_avg"] = state["exp_avg"] @ mixing.T
             state["exp_avg_sq"] = state["exp_avg_sq"] @ (mixing * mixing).T
 
+    def _forget_moments(self, parameter: Tensor) -> None:
+        """Drop a parameter's moments (a block leaving the active set); its Collage compensation stays."""
+        state = self.state.get(parameter)
+        if state is None:
+            return
+        for key in [key for key in state if key != "param_lo"]:
+            del state[key]
+        if not state:
+            del self.state[parameter]
+
     @staticmethod
     def _fresh_moments(state: dict, parameter: Tensor, projection: str, count: int) -> None:
         rows, columns = _matrix_shape(parameter)
@@ -368,8 +379,16 @@ class FRUGAL(torch.optim.Optimizer):
             for position, parameter in enumerate(group["params"]):
                 if parameter.grad is None:
                     continue
-                work = parameter if parameter.dtype == torch.float32 and parameter.is_contiguous() \
-                    else parameter.detach().to(torch.float32, memory_format=torch.contiguous_format)
+                compensated = self.precision == "collage" and parameter.dtype in COMPENSATED_DTYPES
+                if compensated:
+                    low = self.state[parameter].setdefault("param_lo", torch.zeros_like(
+                        parameter, memory_format=torch.contiguous_format))
+                    before = parameter.detach().to(torch.float32) + low.to(torch.float32)  # exact: a 16-bit pair
+                    work = before.clone(memory_format=torch.contiguous_format)
+                elif parameter.dtype == torch.float32 and parameter.is_contiguous():
+                    work = parameter
+                else:
+                    work = parameter.detach().to(torch.float32, memory_format=torch.contiguous_format)
                 gradient = parameter.grad.to(torch.float32, memory_format=torch.contiguous_format)
                 if group["weight_decay"] != 0:
                     work.mul_(1 - group["lr"] * group["weight_decay"])
@@ -379,7 +398,12 @@ class FRUGAL(torch.optim.Optimizer):
                     self._state_free(group, work, gradient)
                 else:
                     self._split_update(group, parameter, work, gradient)
-                if work is not parameter:
+                if compensated:
+                    # The step's change (exact: work and before are within a factor 2) goes into the pair by Grow.
+                    high, low_part = reference_mcf.grow(parameter.detach(), low, (work - before).to(parameter.dtype))
+                    parameter.copy_(high)
+                    low.copy_(low_part)
+                elif work is not parameter:
                     parameter.copy_(work)
         self._steps_taken += 1
         return loss
@@ -400,7 +424,7 @@ class FRUGAL(torch.optim.Optimizer):
     def _adamw(self, group: dict, parameter: Tensor, work: Tensor, gradient: Tensor) -> None:
         """Plain AdamW on the whole tensor (not split, or an active block)."""
         state = self.state[parameter]
-        if not state:
+        if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(work)
             state["exp_avg_sq"] = torch.zeros_like(work)
