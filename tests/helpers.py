@@ -1,4 +1,7 @@
-"""Shared test helpers: the (backend, device) cases this machine can run, and input generators."""
+"""Shared test helpers: the (backend, device) cases this machine can run, input generators, and a free port for the
+torch.distributed tests."""
+import socket
+
 import pytest
 import torch
 
@@ -103,6 +106,13 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
     exponent = torch.floor(torch.log2(torch.clamp(x64, min=finfo.smallest_normal)))
     mantissa_bits = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}[x.dtype]
     return torch.exp2(exponent - mantissa_bits)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torch.distributed rendezvous on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 __all__ = ["leanops"]

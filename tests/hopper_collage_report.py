@@ -6,18 +6,16 @@ Run as a script, in a process where TRITON_INTERPRET is unset (under the interpr
 test_collage_triton_compile.py runs it and checks the report.
 """
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from leanops.triton_kernels import collage as kernels
+
+from hopper_ptxas import ptxas_report
 
 HOPPER = GPUTarget("cuda", 90, 32)
 STORAGES = {"float16": 1, "bfloat16": 2}
@@ -33,19 +31,6 @@ PTX_PATTERNS = {
     "vector_loads": r"ld\.global[.\w]*\.v4",
     "vector_stores": r"st\.global[.\w]*\.v4",
 }
-PTXAS_PATTERNS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-                  "spill_loads": r"(\d+) bytes spill loads"}
-
-
-def ptxas_report(ptx: str) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as handle:
-            handle.write(ptx)
-        result = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", source, "-o",
-                                 os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True)
-    output = result.stdout + result.stderr
-    return {name: int(re.search(pattern, output).group(1)) for name, pattern in PTXAS_PATTERNS.items()}
 
 
 def compile_case(storage: int, plus: bool, metrics: bool, aligned: bool) -> dict:

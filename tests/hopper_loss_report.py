@@ -7,21 +7,19 @@ Run as a script, in a process where TRITON_INTERPRET is unset (under the interpr
 test_triton_hopper_compile.py runs it and checks the report. D = 512 (D % 16 == 0: the case the tiles are made for).
 """
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from leanops.triton_kernels import contrastive as kernels
 from leanops.triton_kernels import cross_entropy as ce_kernels
 from leanops.triton_kernels import tiles
+
+from hopper_ptxas import ptxas_report
 
 HOPPER = GPUTarget("cuda", 90, 32)
 FEATURES = 512
@@ -68,8 +66,6 @@ KERNELS = {
     "linear_ce_grad_weight": (ce_kernels._linear_ce_grad_weight_kernel, {**CE_OPTIONS, "SCALE_TILE": False},
                               _ce_backward),
 }
-PTXAS_PATTERNS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
-                  "spill_loads": r"(\d+) bytes spill loads"}
 
 
 def signature_of(kernel, dtype, constexprs):
@@ -88,17 +84,6 @@ def signature_of(kernel, dtype, constexprs):
         else:
             signature[name] = "i32"  # B, N, V, D
     return signature
-
-
-def ptxas_report(ptx: str) -> dict:
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as handle:
-            handle.write(ptx)
-        result = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", source, "-o",
-                                 os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True)
-    output = result.stdout + result.stderr
-    return {name: int(re.search(pattern, output).group(1)) for name, pattern in PTXAS_PATTERNS.items()}
 
 
 def compile_case(kernel, dtype, candidate, extra):

@@ -2,20 +2,15 @@
 data per rank, every rank holds identical parameters and compensation (the all-reduced gradients are identical,
 and so is the deterministic step)."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
+
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -47,7 +42,7 @@ def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def test_every_rank_ends_with_identical_parameters(tmp_path):
     world_size = 2
-    mp.spawn(_train_on_rank, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_train_on_rank, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
     states = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
     assert states[0].keys() == states[1].keys() and len(states[0]) == 8
     for name, value in states[0].items():

@@ -1,22 +1,17 @@
 """FRUGAL under DistributedDataParallel (gloo, two processes on the CPU): rank 0 draws every subspace and
 broadcasts it, so ranks seeded differently still use the same subspaces and end with identical parameters."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
+
 pytestmark = pytest.mark.distributed
 
 PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -52,7 +47,7 @@ def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def test_ranks_share_rank_zeros_subspaces_and_end_identical(tmp_path):
     world_size = 2
-    mp.spawn(_train_on_rank, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    mp.spawn(_train_on_rank, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
     assert ranks[0].keys() == ranks[1].keys()
     assert any(key.endswith("/indices") for key in ranks[0]) and any(key.endswith("/projector") for key in ranks[0])
