@@ -62,4 +62,15 @@ TORCH_LIBRARY(leanops, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] exp_avg_sqs_lo, Tensor[] grads, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, float bias_correction1, float bias_correction2, bool plus, "
       "Tensor(f!)? metrics) -> ()");
+
+  // FRUGAL's fused split step (python/leanops/reference/frugal.py documents the math and is the oracle: every backend
+  // gives the same bits). One entry per tensor in every list; params share one dtype (float32, bfloat16, float16) and
+  // device; params_lo is empty or one compensation per 16-bit parameter; grads have the params' dtype or float32;
+  // exp_avgs/exp_avg_sqs are float32 (empty for a state-free tensor), positions int32 (COLUMNS/ROWS modes), addends
+  // float32 or empty. modes: 0 AdamW, 1 state-free, 2 columns, 3 rows; state_free: 0 signSGD, 1 SGD, 2 none.
+  m.def(
+      "frugal_split_step_(Tensor(a!)[] params, Tensor(b!)[] params_lo, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor[] grads, Tensor[] positions, Tensor[] addends, int[] modes, "
+      "float[] step_sizes, float[] bias_correction2_roots, float beta1, float beta2, float eps, float decay, "
+      "float free_lr, int state_free) -> ()");
 }

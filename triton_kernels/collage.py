@@ -57,13 +57,14 @@ _VECTOR_BYTES = 16
 
 
 @triton.jit
-def _find_row(table_ptr, n_rows, pid):
-    """The row whose chunks hold program pid: the last row with first_chunk <= pid (row 0's first_chunk is 0)."""
+def _find_row(table_ptr, n_rows, pid, ROW: tl.constexpr = 8, FIRST_CHUNK: tl.constexpr = 7):
+    """The row whose chunks hold program pid: the last row with first_chunk <= pid (row 0's first_chunk is 0), in a
+    table of ROW int64 columns whose column FIRST_CHUNK holds each row's first chunk."""
     low = pid * 0
     high = low + n_rows
     while high - low > 1:
         middle = (low + high) // 2
-        first_chunk = tl.load(table_ptr + middle.to(tl.int64) * 8 + 7)
+        first_chunk = tl.load(table_ptr + middle.to(tl.int64) * ROW + FIRST_CHUNK)
         go_up = first_chunk <= pid
         low = tl.where(go_up, middle, low)
         high = tl.where(go_up, high, middle)

@@ -2,6 +2,6 @@
 kernels wrapped as custom ops in the ``leanops_triton`` namespace, so that ``torch.compile(fullgraph=True)`` traces
 every backend without graph breaks. One module per op family.
 """
-from . import clip_loss, collage, contrastive, cross_entropy, mcf
+from . import clip_loss, collage, contrastive, cross_entropy, frugal, mcf
 
-__all__ = ["clip_loss", "collage", "contrastive", "cross_entropy", "mcf"]
+__all__ = ["clip_loss", "collage", "contrastive", "cross_entropy", "frugal", "mcf"]

@@ -1,0 +1,127 @@
+// CPU kernel of FRUGAL's fused split step (leanops::frugal_split_step_; the math and the oracle are in
+// python/leanops/reference/frugal.py, the per-element step in leanops/frugal_step.h).
+//
+// Tensor by tensor; within a tensor at::parallel_for spreads the work over the threads: flat chunks of elements in
+// ADAMW and FREE modes, whole rows of the matrix in COLUMNS and ROWS modes (a row reads its positions entry, or the
+// positions of every column, and its moments, which are contiguous in both layouts). Every element is independent,
+// so the result does not depend on the thread count. The step moves 8-12 bytes per state-free element and 16 more per
+// state-full one against about a dozen float32 operations: memory-bound, so the loops are left scalar.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "leanops/frugal_step.h"
+
+namespace leanops {
+namespace frugal {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;  // elements per unit of parallel work in the flat modes
+
+template <typename T, typename G, typename F, bool Compensated>
+void step_tensor(const Operands<T, G>& o, int64_t numel, int64_t mode, int64_t positions_size, int64_t moments,
+                 const Scalars& s, const TensorScalars& t) {
+  if (numel == 0) return;
+  if (mode == kAdamW || mode == kFree) {
+    const bool state_full = mode == kAdamW;
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) step_element<T, G, F, Compensated>(o, e, state_full, e, s, t);
+    });
+    return;
+  }
+  const MatrixShape shape = matrix_shape(mode, numel, positions_size, moments);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, shape.columns));
+  at::parallel_for(0, shape.rows, grain, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      const int64_t row = i * shape.columns;
+      if (mode == kColumns) {
+        // Column j is state-full when positions[j] >= 0; its moments sit in column positions[j] of (rows, k).
+        for (int64_t j = 0; j < shape.columns; ++j) {
+          const int32_t p = o.positions[j];
+          step_element<T, G, F, Compensated>(o, row + j, p >= 0, i * shape.subspace + p, s, t);
+        }
+      } else {
+        // Row i is state-full when positions[i] >= 0; its moments are row positions[i] of (k, columns).
+        const int32_t p = o.positions[i];
+        const int64_t moment_row = static_cast<int64_t>(p) * shape.columns;
+        for (int64_t j = 0; j < shape.columns; ++j) {
+          step_element<T, G, F, Compensated>(o, row + j, p >= 0, moment_row + j, s, t);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename G, typename F, bool Compensated>
+void step_all(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+              at::TensorList grads, at::TensorList positions, at::TensorList addends, at::IntArrayRef modes,
+              at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_roots, const Scalars& s) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t mode = modes[i];
+    const bool has_moments = mode != kFree;
+    const bool has_positions = mode == kColumns || mode == kRows;
+    Operands<T, G> o{params[i].data_ptr<T>(),
+                     Compensated ? params_lo[i].data_ptr<T>() : nullptr,
+                     has_moments ? exp_avgs[i].data_ptr<float>() : nullptr,
+                     has_moments ? exp_avg_sqs[i].data_ptr<float>() : nullptr,
+                     grads[i].const_data_ptr<G>(),
+                     has_positions ? positions[i].const_data_ptr<int32_t>() : nullptr,
+                     addends[i].numel() > 0 ? addends[i].const_data_ptr<float>() : nullptr};
+    const TensorScalars t{static_cast<float>(step_sizes[i]), static_cast<float>(bias_correction2_roots[i])};
+    step_tensor<T, G, F, Compensated>(o, params[i].numel(), mode, has_positions ? positions[i].numel() : 0,
+                                      has_moments ? exp_avgs[i].numel() : 0, s, t);
+  }
+}
+
+// The parameter type T (its format F), the gradient type (T or float) and the compensation, chosen at run time.
+template <typename T, typename F>
+void dispatch_gradient(bool float_grads, bool compensated, at::TensorList params, at::TensorList params_lo,
+                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList grads,
+                       at::TensorList positions, at::TensorList addends, at::IntArrayRef modes,
+                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_roots,
+                       const Scalars& s) {
+  auto run = [&](auto grad_tag, auto compensated_tag) {
+    using G = decltype(grad_tag);
+    step_all<T, G, F, decltype(compensated_tag)::value>(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions,
+                                                        addends, modes, step_sizes, bias_correction2_roots, s);
+  };
+  if (float_grads) {
+    compensated ? run(float{}, std::true_type{}) : run(float{}, std::false_type{});
+  } else {
+    compensated ? run(T{}, std::true_type{}) : run(T{}, std::false_type{});
+  }
+}
+
+void frugal_split_step_cpu(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList grads, at::TensorList positions,
+                           at::TensorList addends, at::IntArrayRef modes, at::ArrayRef<double> step_sizes,
+                           at::ArrayRef<double> bias_correction2_roots, double beta1, double beta2, double eps,
+                           double decay, double free_lr, int64_t state_free) {
+  check_arguments(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes,
+                  bias_correction2_roots, state_free);
+  if (params.empty()) return;
+  const Scalars s = make_scalars(beta1, beta2, eps, decay, free_lr, state_free);
+  const at::ScalarType dtype = params[0].scalar_type();
+  const bool float_grads = grads[0].scalar_type() == at::kFloat && dtype != at::kFloat;
+  const bool compensated = !params_lo.empty();
+  if (dtype == at::kFloat) {
+    step_all<float, float, eft::Float32Format, false>(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions,
+                                                      addends, modes, step_sizes, bias_correction2_roots, s);
+  } else if (dtype == at::kBFloat16) {
+    dispatch_gradient<c10::BFloat16, eft::BFloat16Format>(float_grads, compensated, params, params_lo, exp_avgs,
+                                                           exp_avg_sqs, grads, positions, addends, modes, step_sizes,
+                                                           bias_correction2_roots, s);
+  } else {
+    dispatch_gradient<c10::Half, eft::Float16Format>(float_grads, compensated, params, params_lo, exp_avgs,
+                                                      exp_avg_sqs, grads, positions, addends, modes, step_sizes,
+                                                      bias_correction2_roots, s);
+  }
+}
+
+}  // namespace
+}  // namespace frugal
+}  // namespace leanops
+
+TORCH_LIBRARY_IMPL(leanops, CPU, m) { m.impl("frugal_split_step_", &leanops::frugal::frugal_split_step_cpu); }
