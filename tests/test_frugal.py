@@ -1,14 +1,19 @@
-"""leanops.optim.FRUGAL: AdamW on a gradient subspace plus a state-free step on the rest (reference, CPU, fp32).
+"""leanops.optim.FRUGAL: AdamW on a gradient subspace plus a state-free step on the rest (the reference backend,
+CPU, fp32; tests/test_frugal_kernels.py holds the kernels to it).
 
 Exactness claims are bit for bit (torch.equal) against torch.optim.AdamW(foreach=False) and signSGD written out.
 """
+import functools
 import io
 
 import pytest
 import torch
 
 import leanops
-from leanops.optim import FRUGAL, frugal_param_groups
+from leanops.optim import frugal_param_groups
+
+# The reference backend unless a test names another: "auto" would pick the C++ kernel on the CPU.
+FRUGAL = functools.partial(leanops.optim.FRUGAL, backend="reference")
 
 PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
 SHAPES = ((7, 11), (13, 5), (9,), (3, 4, 5))
@@ -270,12 +275,15 @@ def test_bad_group_option_names_the_argument_and_group():
         FRUGAL([{"params": make_parameters(), "split": "yes"}])
 
 
-def test_backends_without_kernels_and_unknown_precision_are_refused():
+def test_unusable_backends_and_unknown_precision_are_refused():
     with pytest.raises(ValueError, match="'precision'"):
         FRUGAL(make_parameters(), precision="bf16")
-    for backend in ("cpu", "cuda", "triton"):
-        with pytest.raises(leanops.BackendUnavailableError, match="no .* kernels yet"):
-            FRUGAL(make_parameters(), backend=backend)
+    if not torch.cuda.is_available():
+        with pytest.raises(leanops.BackendUnavailableError, match="backend 'cuda' cannot serve"):
+            FRUGAL(make_parameters(), backend="cuda")
+    # float64 parameters: the kernels support float32, bfloat16 and float16 only.
+    with pytest.raises(leanops.BackendUnavailableError, match="float64"):
+        FRUGAL([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], backend="cpu")
     FRUGAL(make_parameters(), backend="reference")
 
 

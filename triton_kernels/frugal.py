@@ -33,7 +33,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ADAMW, FREE, COLUMNS, ROWS = 0, 1, 2, 3
 
 _ROW = 12
-BLOCK_SIZE_GPU = 2048
+# 4 elements per thread: the int64 index arithmetic of the matrix modes spilled registers at 2048 (ptxas, sm_90).
+BLOCK_SIZE_GPU = 1024
 NUM_WARPS_GPU = 8
 BLOCK_SIZE_INTERPRETER = 8192
 

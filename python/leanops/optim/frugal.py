@@ -60,6 +60,8 @@ import torch
 import torch.distributed as dist
 
 from .. import backends
+from .. import custom_ops  # noqa: F401  - registers the split-step operators
+from ..reference import frugal as split_step
 from ..reference import mcf as reference_mcf
 
 Tensor = torch.Tensor
@@ -71,7 +73,10 @@ STATE_FREE = ("signsgd", "sgd", "none")
 ON_SWITCH = ("reset", "project")
 PRECISIONS = ("fp32", "collage")
 COMPENSATED_DTYPES = (torch.bfloat16, torch.float16)
-IMPLEMENTED_BACKENDS = ("reference",)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IMPLEMENTED_BACKENDS = ("reference", "triton") + backends.compiled_backends_with("frugal_split_step_")
+# The step is elementwise and memory-bound: the CUDA kernel first on a GPU, as for CollageAdamW.
+PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 HEAD_NAMES = ("lm_head", "head", "output")
 GROUP_OPTIONS = ("lr", "betas", "eps", "weight_decay", "density", "update_gap", "projection", "block_order",
                  "state_free", "state_free_lr_scale", "state_full_lr_scale", "on_switch", "split")
@@ -112,14 +117,15 @@ def _check_precision_and_backend(precision, backend) -> None:
     _check_choice("precision", precision, PRECISIONS)
     if not isinstance(backend, str):
         raise TypeError(f"{OPERATION}: argument 'backend' must be a string, got {type(backend).__name__}")
-    if backend == backends.AUTO or backend in IMPLEMENTED_BACKENDS:
-        return
-    if backend in backends.BACKENDS:
-        raise backends.BackendUnavailableError(
-            f"{OPERATION}: backend {backend!r} cannot serve this call: FRUGAL has no {backend} kernels yet "
-            f"(only the 'reference' implementation exists)")
-    raise ValueError(f"{OPERATION}: argument 'backend' must be one of {(backends.AUTO,) + backends.BACKENDS}, "
-                     f"got {backend!r}")
+    if backend != backends.AUTO and backend not in backends.BACKENDS:
+        raise ValueError(f"{OPERATION}: argument 'backend' must be one of {(backends.AUTO,) + backends.BACKENDS}, "
+                         f"got {backend!r}")
+
+
+def _resolve_backend(backend: str, parameter: Tensor) -> str:
+    """The backend that steps `parameter` (BackendUnavailableError if the named one cannot)."""
+    return backends.resolve(OPERATION, backend, parameter.device, parameter.dtype, kernel_dtypes=KERNEL_DTYPES,
+                            preference=PREFERENCE, implemented=IMPLEMENTED_BACKENDS)
 
 
 def _matrix_shape(parameter: Tensor) -> tuple[int, int]:
@@ -168,7 +174,11 @@ class FRUGAL(torch.optim.Optimizer):
             (theta, theta_lo) of Collage's multi-component floats, the step's change going in with Grow, so that
             updates below theta's half-ulp accumulate (float32 parameters are updated as with "fp32").
         seed: seed of the generator the subspaces are drawn from.
-        backend: "auto" or "reference" (kernels are not written yet).
+        backend: "auto", "reference", "triton", "cuda" or "cpu" (leanops.backends). "reference" is the plain-PyTorch
+            step above (bit for bit torch.optim.AdamW's operations on the state-full part); the others are the fused
+            split-step kernels (leanops.reference.frugal states their per-element math), equal to the reference up
+            to float32 rounding. "auto": the C++ kernel on the CPU, CUDA then Triton on a GPU, the reference for
+            float64 parameters.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -191,6 +201,7 @@ class FRUGAL(torch.optim.Optimizer):
                 if not parameter.is_floating_point():
                     raise ValueError(f"{OPERATION}: parameter {parameter_index} of group {group_index} has dtype "
                                      f"{parameter.dtype}; FRUGAL updates floating-point parameters")
+                _resolve_backend(backend, parameter)  # a backend that cannot serve is refused before any step
         self.precision = precision
         self.seed = seed
         self.backend = backend
@@ -198,6 +209,9 @@ class FRUGAL(torch.optim.Optimizer):
         self._generator.manual_seed(seed)
         self._steps_taken = 0
         self._active_blocks: dict[int, Tensor] = {}
+        # The kernels' inverse of each parameter's int32 indices (-1 outside the subspace), rebuilt when the
+        # indices change: parameter -> (indices, positions).
+        self._positions: dict[Tensor, tuple[Tensor, Tensor]] = {}
 
     # -----------------------------------------------------------------------------------------------------------
     # State.
@@ -231,6 +245,7 @@ class FRUGAL(torch.optim.Optimizer):
         by_id = {saved_id: parameter for saved, group in zip(saved_groups, self.param_groups)
                  for saved_id, parameter in zip(saved["params"], group["params"])}
         self.state.clear()
+        self._positions.clear()
         for saved_id, saved_state in state_dict["state"].items():
             parameter = by_id[saved_id]
             self.state[parameter] = {key: value.to(device=parameter.device).clone() if isinstance(value, Tensor)
@@ -376,37 +391,158 @@ class FRUGAL(torch.optim.Optimizer):
                             self._draw_subspace(group, parameter)
             active = (set(self._active_blocks[group_index].tolist())
                       if group["split"] and group["projection"] == "blockwise" else None)
+            fused: dict[tuple, list[tuple[int, Tensor]]] = {}
             for position, parameter in enumerate(group["params"]):
                 if parameter.grad is None:
                     continue
-                compensated = self.precision == "collage" and parameter.dtype in COMPENSATED_DTYPES
-                if compensated:
-                    low = self.state[parameter].setdefault("param_lo", torch.zeros_like(
-                        parameter, memory_format=torch.contiguous_format))
-                    before = parameter.detach().to(torch.float32) + low.to(torch.float32)  # exact: a 16-bit pair
-                    work = before.clone(memory_format=torch.contiguous_format)
-                elif parameter.dtype == torch.float32 and parameter.is_contiguous():
-                    work = parameter
+                chosen = _resolve_backend(self.backend, parameter)
+                if chosen == "reference":
+                    self._reference_step(group, position, parameter, active)
                 else:
-                    work = parameter.detach().to(torch.float32, memory_format=torch.contiguous_format)
-                gradient = parameter.grad.to(torch.float32, memory_format=torch.contiguous_format)
-                if group["weight_decay"] != 0:
-                    work.mul_(1 - group["lr"] * group["weight_decay"])
-                if not group["split"] or (active is not None and position in active):
-                    self._adamw(group, parameter, work, gradient)
-                elif active is not None:
-                    self._state_free(group, work, gradient)
-                else:
-                    self._split_update(group, parameter, work, gradient)
-                if compensated:
-                    # The step's change (exact: work and before are within a factor 2) goes into the pair by Grow.
-                    high, low_part = reference_mcf.grow(parameter.detach(), low, (work - before).to(parameter.dtype))
-                    parameter.copy_(high)
-                    low.copy_(low_part)
-                elif work is not parameter:
-                    parameter.copy_(work)
+                    fused.setdefault((chosen, parameter.device, parameter.dtype), []).append((position, parameter))
+            for (chosen, _, _), entries in fused.items():
+                self._fused_step(group, entries, active, chosen)
         self._steps_taken += 1
         return loss
+
+    def _reference_step(self, group: dict, position: int, parameter: Tensor, active: set | None) -> None:
+        """One parameter's step in plain PyTorch (the module docstring's operations, in torch.optim.AdamW's order)."""
+        compensated = self.precision == "collage" and parameter.dtype in COMPENSATED_DTYPES
+        if compensated:
+            low = self._compensation(parameter)
+            before = parameter.detach().to(torch.float32) + low.to(torch.float32)  # exact: a 16-bit pair
+            work = before.clone(memory_format=torch.contiguous_format)
+        elif parameter.dtype == torch.float32 and parameter.is_contiguous():
+            work = parameter
+        else:
+            work = parameter.detach().to(torch.float32, memory_format=torch.contiguous_format)
+        gradient = parameter.grad.to(torch.float32, memory_format=torch.contiguous_format)
+        if group["weight_decay"] != 0:
+            work.mul_(1 - group["lr"] * group["weight_decay"])
+        if not group["split"] or (active is not None and position in active):
+            self._adamw(group, parameter, work, gradient)
+        elif active is not None:
+            self._state_free(group, work, gradient)
+        else:
+            self._split_update(group, parameter, work, gradient)
+        if compensated:
+            # The step's change (exact: work and before are within a factor 2) goes into the pair by Grow.
+            high, low_part = reference_mcf.grow(parameter.detach(), low, (work - before).to(parameter.dtype))
+            parameter.copy_(high)
+            low.copy_(low_part)
+        elif work is not parameter:
+            parameter.copy_(work)
+
+    def _compensation(self, parameter: Tensor) -> Tensor:
+        """The Collage compensation theta_lo of a 16-bit parameter (zeros at first)."""
+        return self.state[parameter].setdefault("param_lo", torch.zeros_like(
+            parameter, memory_format=torch.contiguous_format))
+
+    def _positions_of(self, parameter: Tensor, size: int) -> Tensor:
+        """int32 (size,): the position of each column (row) in the parameter's subspace indices, -1 outside."""
+        indices = self.state[parameter]["indices"]
+        cached = self._positions.get(parameter)
+        if cached is not None and cached[0] is indices:
+            return cached[1]
+        positions = torch.full((size,), -1, dtype=torch.int32, device=parameter.device)
+        positions[indices.long()] = torch.arange(indices.numel(), dtype=torch.int32, device=parameter.device)
+        self._positions[parameter] = (indices, positions)
+        return positions
+
+    def _advance(self, group: dict, state: dict) -> tuple[float, float]:
+        """Count a state-full step; return its (step_size, bias_correction2_root), in float64 as the reference's."""
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        return (group["lr"] * group["state_full_lr_scale"] / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)
+
+    def _fused_step(self, group: dict, entries: list[tuple[int, Tensor]], active: set | None, backend: str) -> None:
+        """The step of a group's parameters of one device and dtype in one fused kernel call (two, plus matmuls, for
+        random/svd projections: leanops.reference.frugal's module docstring)."""
+        operator = getattr(torch.ops, backends.operator_namespace(backend)).frugal_split_step_
+        device = entries[0][1].device
+        compensated = self.precision == "collage" and entries[0][1].dtype in COMPENSATED_DTYPES
+        no_tensor = torch.empty(0, device=device)
+        call = {key: [] for key in ("params", "params_lo", "exp_avgs", "exp_avg_sqs", "grads", "positions",
+                                    "addends", "modes", "step_sizes", "roots")}
+        projected = {key: [] for key in ("scratch", "exp_avgs", "exp_avg_sqs", "grads", "step_sizes", "roots")}
+        projected_entries = []
+        copies_back = []
+        for position, parameter in entries:
+            state = self.state[parameter]
+            target = parameter
+            if not parameter.is_contiguous():
+                target = parameter.detach().contiguous()
+                copies_back.append((parameter, target))
+            gradient = parameter.grad
+            if gradient.dtype not in (parameter.dtype, torch.float32):
+                gradient = gradient.to(torch.float32)
+            gradient = gradient.contiguous()
+            moments, indices, addend = (no_tensor, no_tensor), no_tensor, no_tensor
+            step_size, root = 0.0, 1.0
+            if not group["split"] or (active is not None and position in active):
+                mode = split_step.ADAMW
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros(parameter.shape, dtype=torch.float32, device=device)
+                    state["exp_avg_sq"] = torch.zeros(parameter.shape, dtype=torch.float32, device=device)
+                moments = (state["exp_avg"], state["exp_avg_sq"])
+                step_size, root = self._advance(group, state)
+            elif active is not None:
+                mode = split_step.FREE
+            elif group["projection"] in ("columns", "rows"):
+                mode = split_step.COLUMNS if group["projection"] == "columns" else split_step.ROWS
+                rows, columns = _matrix_shape(parameter)
+                indices = self._positions_of(parameter, columns if mode == split_step.COLUMNS else rows)
+                moments = (state["exp_avg"], state["exp_avg_sq"])
+                if state["indices"].numel():
+                    step_size, root = self._advance(group, state)
+            else:  # random / svd: AdamW on P^T G (or G P) first, in `projected`
+                mode = split_step.FREE
+                projector = state["projector"]
+                if projector.shape[1]:
+                    rows, columns = _matrix_shape(parameter)
+                    matrix = gradient.to(torch.float32).view(rows, columns)
+                    left = rows <= columns
+                    small = projector.T @ matrix if left else matrix @ projector
+                    size, root_size = self._advance(group, state)
+                    projected_entries.append((len(call["params"]), matrix, projector, left, small))
+                    projected["scratch"].append(torch.zeros_like(small))
+                    projected["exp_avgs"].append(state["exp_avg"])
+                    projected["exp_avg_sqs"].append(state["exp_avg_sq"])
+                    projected["grads"].append(small)
+                    projected["step_sizes"].append(size)
+                    projected["roots"].append(root_size)
+            call["params"].append(target)
+            if compensated:
+                call["params_lo"].append(self._compensation(parameter))
+            call["exp_avgs"].append(moments[0])
+            call["exp_avg_sqs"].append(moments[1])
+            call["grads"].append(gradient)
+            call["positions"].append(indices)
+            call["addends"].append(addend)
+            call["modes"].append(mode)
+            call["step_sizes"].append(step_size)
+            call["roots"].append(root)
+        beta1, beta2 = group["betas"]
+        if projected_entries:
+            # AdamW in the subspace: each scratch becomes -step_size * m / denom; then back up with the projector.
+            count = len(projected_entries)
+            operator(projected["scratch"], [], projected["exp_avgs"], projected["exp_avg_sqs"], projected["grads"],
+                     [no_tensor] * count, [no_tensor] * count, [split_step.ADAMW] * count, projected["step_sizes"],
+                     projected["roots"], float(beta1), float(beta2), float(group["eps"]), 1.0, 0.0,
+                     split_step.NONE)
+            for (index, matrix, projector, left, small), update in zip(projected_entries, projected["scratch"]):
+                call["addends"][index] = (projector @ update if left else update @ projector.T).contiguous()
+                call["grads"][index] = matrix - (projector @ small if left else small @ projector.T)
+            # One gradient dtype per call: the remainders are float32, so every gradient goes as float32 (exact).
+            call["grads"] = [gradient.to(torch.float32) for gradient in call["grads"]]
+        operator(call["params"], call["params_lo"], call["exp_avgs"], call["exp_avg_sqs"], call["grads"],
+                 call["positions"], call["addends"], call["modes"], call["step_sizes"], call["roots"], float(beta1),
+                 float(beta2), float(group["eps"]), 1 - group["lr"] * group["weight_decay"],
+                 group["lr"] * group["state_free_lr_scale"], split_step.STATE_FREE_CODES[group["state_free"]])
+        for parameter, target in copies_back:
+            parameter.copy_(target)
 
     def _moments_step(self, group: dict, state: dict, gradient: Tensor) -> tuple[float, Tensor]:
         """Advance m, v with the subspace gradient; return (step_size, denom) as torch.optim.AdamW computes them."""
