@@ -1,5 +1,5 @@
 """Benchmark of one optimizer step (``leanops bench optim``): AdamW on 16-bit parameters with leanops' CollageAdamW
-against fp32 AdamW, plain bf16 AdamW and the compensated peers.
+against fp32 AdamW, plain bf16 AdamW and the compensated peers; and leanops' FRUGAL on the fp32 parameters.
 
 Each method owns TENSORS parameter tensors (16 x 4096 x 4096 = 268M parameters on a GPU), their gradients set once;
 the time is that of one ``optimizer.step()`` (median of repeats after a warm-up step that creates the state; CUDA
@@ -11,6 +11,9 @@ events on a GPU). The state changes at every step, which does not matter to a me
 - ``collage-<mode>-<backend>``: ``leanops.optim.CollageAdamW(mode=light|plus, backend=...)`` on bfloat16
   parameters, for the reference and every leanops backend with kernels here (``collage.IMPLEMENTED``; never
   Triton's interpreter on the CPU);
+- ``frugal-<projection>-<backend>``: ``leanops.optim.FRUGAL(density=0.25, projection=blockwise|columns,
+  state_free="signsgd", backend=...)`` on float32 parameters, every tensor split (AdamW on a quarter of the tensors
+  or of each tensor's columns, signSGD on the rest); the target is the time of fp32 AdamW's fused step;
 - peers, on a GPU, when installed: ``optimi-kahan`` (optimi's ``AdamW(kahan_sum=True)``: bf16 parameters and
   moments, a bf16 Kahan compensation buffer) and ``torchao-sr`` (torchao's AdamW with ``bf16_stochastic_round=True``:
   bf16 parameters and moments, the parameter rounded stochastically). A peer that is not installed or cannot run
@@ -25,7 +28,9 @@ Before any time is reported: each Collage kernel backend's step must give bit fo
 backend="reference" (CHECK_SHAPE, CHECK_STEPS steps: parameter, compensation and moments); and every method's
 first step on a CHECK_SHAPE tensor is compared with torch's AdamW in float64 on the same values: the relative error
 (2-norm) of the stored update (for the compensated methods, parameter + compensation) must stay within the
-tolerance of its kind (UPDATE_TOLERANCE). A failed check is a failure row, never a time.
+tolerance of its kind (UPDATE_TOLERANCE). FRUGAL's first step on FRUGAL_CHECK_TENSORS such tensors is compared
+with its own update computed in float64 from the subspace it drew (AdamW there, signSGD elsewhere). A failed check
+is a failure row, never a time.
 """
 import dataclasses
 import importlib
@@ -35,7 +40,8 @@ import math
 import torch
 
 from leanops import backends
-from leanops.optim import CollageAdamW, collage
+from leanops.optim import FRUGAL, CollageAdamW, collage
+from leanops.optim import frugal as frugal_optimizer
 
 from . import bench_mcf, common, measurement
 
@@ -60,7 +66,12 @@ BYTES_MOVED = {
     "collage-plus": 12 + 10,  # light + v_lo read and written
     "optimi-kahan": 10 + 8,   # read p, kahan_comp, m, v, g; write p, kahan_comp, m, v
     "torchao-sr": 8 + 6,      # bf16 AdamW (+ random bits made in registers)
+    # fp32: read p, g, write p (12), and for the FRUGAL_DENSITY state-full part read + write m, v (16 x 0.25).
+    "frugal": 12 + 4,
 }
+FRUGAL_DENSITY = 0.25
+FRUGAL_PROJECTIONS = ("blockwise", "columns")
+FRUGAL_CHECK_TENSORS = 4  # blockwise: one of the four tensors is state-full
 COMPENSATED_TOLERANCE = 1e-2
 # How close the stored update must be to float64's, per accuracy kind, relative to the update (None: finite is
 # enough, for the plain bf16 baseline; stochastic rounding: one bf16 spacing of the parameter, see update_error).
@@ -70,14 +81,16 @@ UPDATE_TOLERANCE = {"fp32": measurement.PLAIN_ERROR_LIMIT[torch.float32], "compe
 # Peer -> (module to import, package to install).
 PEERS = {"optimi-kahan": ("optimi", "torch-optimi"), "torchao-sr": ("torchao", "torchao")}
 TARGETS_MS = {"torch-fused-fp32": "3.43 (measured)", "optimi-kahan": "1.79 (measured)",
-              "torchao-sr": "12.0 (measured)", "collage-light": "<= 1.75", "collage-plus": "<= 2.1"}
+              "torchao-sr": "12.0 (measured)", "collage-light": "<= 1.75", "collage-plus": "<= 2.1",
+              "frugal-blockwise": "<= torch-fused-fp32", "frugal-columns": "<= torch-fused-fp32"}
 H100_COPY_TBPS = 2.95
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """One optimizer configuration: its row name, parameter dtype, kind (a BYTES_MOVED key), accuracy (an
-    UPDATE_TOLERANCE key), the fp32 master bytes it keeps per parameter, and for Collage its mode and backend."""
+    UPDATE_TOLERANCE key), the fp32 master bytes it keeps per parameter, for Collage its mode, for FRUGAL its
+    projection, and for both the leanops backend."""
     name: str
     dtype: torch.dtype
     kind: str
@@ -85,6 +98,7 @@ class Method:
     master_bytes_per_param: int = 0
     mode: str = ""
     backend: str = ""
+    projection: str = ""
 
 
 @dataclasses.dataclass
@@ -139,6 +153,10 @@ def candidate_methods(device: torch.device) -> list[Method]:
     for mode in collage.MODES:
         methods += [Method(f"collage-{mode}-{backend}", torch.bfloat16, f"collage-{mode}", "compensated",
                            mode=mode, backend=backend) for backend in collage_backends(device)]
+    for projection in FRUGAL_PROJECTIONS:
+        methods += [Method(f"frugal-{projection}-{backend}", torch.float32, "frugal", "fp32",
+                           master_bytes_per_param=4, backend=backend, projection=projection)
+                    for backend in collage_backends(device)]
     methods += [Method("optimi-kahan", torch.bfloat16, "optimi-kahan", "compensated"),
                 Method("torchao-sr", torch.bfloat16, "torchao-sr", "stochastic rounding")]
     return methods
@@ -173,6 +191,9 @@ def make_optimizer(method: Method, params: list[torch.Tensor]) -> torch.optim.Op
         return torch.optim.AdamW(params, **HYPERPARAMETERS, foreach=True)
     if method.mode:
         return CollageAdamW(params, **HYPERPARAMETERS, mode=method.mode, backend=method.backend)
+    if method.projection:
+        return FRUGAL(params, **HYPERPARAMETERS, density=FRUGAL_DENSITY, projection=method.projection,
+                      state_free="signsgd", backend=method.backend)
     if method.name == "optimi-kahan":
         return _optimi_adamw()(params, **HYPERPARAMETERS, kahan_sum=True)
     if method.name == "torchao-sr":
@@ -190,8 +211,8 @@ def compensation(method: Method, optimizer: torch.optim.Optimizer, param: torch.
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (CollageAdamW counts its own: ``state_bytes()``)."""
-    if isinstance(optimizer, CollageAdamW):
+    """Bytes of the optimizer's state tensors (CollageAdamW and FRUGAL count their own: ``state_bytes()``)."""
+    if isinstance(optimizer, (CollageAdamW, FRUGAL)):
         return optimizer.state_bytes()
     return sum(value.numel() * value.element_size() for state in optimizer.state.values()
                for value in state.values() if isinstance(value, torch.Tensor))
@@ -214,7 +235,10 @@ def unavailable_reason(method: Method, device: torch.device) -> str | None:
         return _peer_unavailable_reason(method, device)
     if not method.backend or method.backend == "reference":
         return None
-    if method.backend not in collage.IMPLEMENTED:
+    if method.projection and method.backend not in frugal_optimizer.IMPLEMENTED_BACKENDS:
+        return (f"no {method.backend} kernels for FRUGAL in this build "
+                "(leanops.optim.frugal.IMPLEMENTED_BACKENDS)")
+    if method.mode and method.backend not in collage.IMPLEMENTED:
         return (f"no {method.backend} kernels for CollageAdamW in this build "
                 "(leanops.optim.collage.IMPLEMENTED)")
     return backends.unavailable_reason(method.backend, device)
@@ -274,12 +298,46 @@ def update_error(method: Method, device: torch.device) -> tuple[float, float | N
     return error, tolerance
 
 
+def frugal_update_error(method: Method, device: torch.device) -> tuple[float, float]:
+    """(relative error of FRUGAL's first stored update on FRUGAL_CHECK_TENSORS CHECK_SHAPE tensors against the same
+    update in float64: AdamW's first step on the subspace the optimizer drew, signSGD elsewhere, after decoupled
+    weight decay; the float32 tolerance)."""
+    starts, gradients = zip(*(_check_values(2000 + index, 1) for index in range(FRUGAL_CHECK_TENSORS)))
+    params = []
+    for start, (gradient,) in zip(starts, gradients):
+        param = start.to(torch.float32).to(device)
+        param.grad = gradient.to(torch.float32).to(device)
+        params.append(param)
+    optimizer = make_optimizer(method, params)
+    optimizer.step()
+    lr, (beta1, beta2), eps, weight_decay = (HYPERPARAMETERS[name] for name in ("lr", "betas", "eps",
+                                                                                "weight_decay"))
+    # AdamW's first step: m = (1 - beta1) g, v = (1 - beta2) g^2, bias-corrected: the update is g / (|g| + eps).
+    adamw = lambda g: lr * g / (g.abs() + eps)  # noqa: E731
+    errors, norms = 0.0, 0.0
+    for param, start, (gradient,) in zip(params, starts, gradients):
+        state = optimizer.state.get(param, {})
+        full = torch.zeros(CHECK_SHAPE, dtype=torch.bool)
+        if "indices" in state:
+            full[:, state["indices"].long().cpu()] = True
+        elif "exp_avg" in state:
+            full[...] = True
+        update = torch.where(full, adamw(gradient), lr * torch.sign(gradient))
+        exact = start * (1 - lr * weight_decay) - update
+        errors += float(torch.linalg.vector_norm(param.detach().cpu().double() - exact)) ** 2
+        norms += float(torch.linalg.vector_norm(exact - start)) ** 2
+    return math.sqrt(errors / norms), UPDATE_TOLERANCE["fp32"]
+
+
 def check_update(row: OptimRow, method: Method, device: torch.device) -> bool:
     """The float64 check of `method`, recorded in `row` (``update_error``, ``update_tolerance``; a failure sets
     ``check`` "failed" and the problem as ``note``); returns whether it passed."""
     where = "{}x{} tensor, one step, vs torch AdamW in float64".format(*CHECK_SHAPE)
+    if method.projection:
+        where = "{} {}x{} tensors, one step, vs its update in float64".format(FRUGAL_CHECK_TENSORS, *CHECK_SHAPE)
     try:
-        row.update_error, row.update_tolerance = update_error(method, device)
+        row.update_error, row.update_tolerance = (frugal_update_error if method.projection else update_error)(
+            method, device)
     except Exception as error:  # noqa: BLE001 - a crashing method is a failure row, not a crash
         row.check, row.note = "failed", f"failed: {type(error).__name__}: {error}".splitlines()[0]
         return False
@@ -384,6 +442,12 @@ def _notes(device: torch.device, tensors: int, shape: tuple[int, int]) -> list[s
         "targets (issue, H100, 268M parameters): torch AdamW fused fp32 3.43 ms, optimi Kahan 1.79 ms, torchao SR "
         "12.0 ms (measured there); leanops Collage light <= 1.75 ms, plus <= 2.1 ms (byte floors at 2.95 TB/s: "
         "light 1.64 ms, plus 2.00 ms, fp32 2.55 ms, bf16 1.27 ms)",
+        f"FRUGAL (float32 parameters, every tensor split, density {FRUGAL_DENSITY}, signSGD on the rest, update_gap "
+        "200: the timed steps do not switch): bytes moved 16 per parameter (read p, g and write p: 12, plus the "
+        "moments of the state-full quarter: 16 x 0.25); state = the moments of that quarter (2 B/param) plus int32 "
+        "column indices; its check: the first step vs the same update in float64 (AdamW on the drawn subspace, "
+        f"signSGD elsewhere) within {measurement.PLAIN_ERROR_LIMIT[torch.float32]:g}; target: at most "
+        "torch-fused-fp32's time (floor at 2.95 TB/s: 1.45 ms for 268M parameters)",
         "optimi uses the gradient as a scratch buffer (its step overwrites .grad); the repeated steps then run on "
         "that buffer, which does not change a memory-bound step's time",
     ]
@@ -432,7 +496,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
             continue
         if not check_update(row, method, device):
             continue
-        if method.backend and method.backend != "reference":
+        if method.mode and method.backend != "reference":
             problem = collage_mismatch(method, device)
             if problem is not None:
                 row.check, row.note = "failed", problem

@@ -52,7 +52,7 @@ step "CUDA kernels under compute-sanitizer memcheck"
 timeout 900 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
   python3 -m pytest -q -x -m gpu -k "cuda-cuda or cuda_primitives or collage_cuda" tests/test_mcf_exactness.py \
   tests/test_mcf_grow_scale.py tests/test_contrastive_cuda_primitives.py tests/test_cross_entropy_cuda_primitives.py \
-  tests/test_collage_cuda.py \
+  tests/test_collage_cuda.py tests/test_frugal_kernels.py \
   >"$out/memcheck.log" 2>&1
 memcheck_status=$?
 tail -5 "$out/memcheck.log"

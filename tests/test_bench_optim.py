@@ -10,21 +10,32 @@ import torch
 from leanops import backends, cli
 from leanops.benchmarks import bench_optim
 from leanops.optim import collage
+from leanops.optim import frugal
 
 CPU = torch.device("cpu")
 # State bytes per parameter (the step counters are scalars: a few bytes per tensor) and bytes moved per parameter.
+# FRUGAL at density 0.25 on 4 tensors of 64x64: blockwise keeps the moments of one tensor (2 B/param); columns
+# the moments of 16 columns of each (2 B/param) and their int32 indices (64 B per tensor), and the kernels their
+# int32 inverse (one entry per column: 256 B per tensor).
 EXPECTED_STATE = {"torch-foreach-fp32": 8, "torch-bf16": 4, "collage-light-reference": 6, "collage-light-cpu": 6,
-                  "collage-plus-reference": 8, "collage-plus-cpu": 8}
-EXPECTED_MASTER = {"torch-foreach-fp32": 4}
+                  "collage-plus-reference": 8, "collage-plus-cpu": 8, "frugal-blockwise-reference": 2,
+                  "frugal-blockwise-cpu": 2, "frugal-columns-reference": 2 + 64 / 4096,
+                  "frugal-columns-cpu": 2 + (64 + 256) / 4096}
+EXPECTED_MASTER = {"torch-foreach-fp32": 4, "frugal-blockwise-reference": 4, "frugal-blockwise-cpu": 4,
+                   "frugal-columns-reference": 4, "frugal-columns-cpu": 4}
 EXPECTED_MOVED = {"torch-foreach-fp32": 28, "torch-bf16": 14, "collage-light-reference": 18,
                   "collage-light-cpu": 18, "collage-plus-reference": 22, "collage-plus-cpu": 22,
-                  "optimi-kahan": 18, "torchao-sr": 14}
+                  "frugal-blockwise-reference": 16, "frugal-blockwise-cpu": 16, "frugal-columns-reference": 16,
+                  "frugal-columns-cpu": 16, "optimi-kahan": 18, "torchao-sr": 14}
 
 
 def _timed_methods() -> list[str]:
-    kernels = [name for name in ("collage-light-cpu", "collage-plus-cpu")
-               if "cpu" in collage.IMPLEMENTED and backends.unavailable_reason("cpu", CPU) is None]
-    return ["torch-foreach-fp32", "torch-bf16", "collage-light-reference", "collage-plus-reference"] + kernels
+    usable = backends.unavailable_reason("cpu", CPU) is None
+    kernels = [name for name in ("collage-light-cpu", "collage-plus-cpu") if "cpu" in collage.IMPLEMENTED and usable]
+    kernels += [name for name in ("frugal-blockwise-cpu", "frugal-columns-cpu")
+                if "cpu" in frugal.IMPLEMENTED_BACKENDS and usable]
+    return ["torch-foreach-fp32", "torch-bf16", "collage-light-reference", "collage-plus-reference",
+            "frugal-blockwise-reference", "frugal-columns-reference"] + kernels
 
 
 def _bench(tmp_path, *options) -> tuple[int, dict]:
@@ -60,6 +71,7 @@ def test_bench_writes_checked_rows_json_and_table(tmp_path, capsys):
             assert row["update_error"] <= row["update_tolerance"]
     assert rows["torch-foreach-fp32"]["update_tolerance"] == 1e-4
     assert rows["collage-plus-reference"]["update_tolerance"] == 1e-2
+    assert rows["frugal-columns-reference"]["update_tolerance"] == 1e-4
     for peer, (module, package) in bench_optim.PEERS.items():  # listed, never dropped; GPU only
         row = rows[peer]
         assert row["check"] == "skipped" and row["ms"] is None and row["note"]
@@ -71,6 +83,7 @@ def test_bench_writes_checked_rows_json_and_table(tmp_path, capsys):
     for name in rows:
         assert name in table
     assert "targets" in table and "1.75 ms" in table and "28 (read p, g, m, v" in table
+    assert "FRUGAL" in table and "at most torch-fused-fp32's time" in table
 
 
 @pytest.fixture
@@ -129,17 +142,24 @@ def test_a_wrong_update_or_a_crash_is_a_failure_row(monkeypatch, timed):
     def crash(method, params, optimizer):
         raise RuntimeError("kernel exploded")
 
+    def sgd_remainder(method, params, optimizer):
+        return frugal.FRUGAL(params, **bench_optim.HYPERPARAMETERS, density=0.25, projection="columns",
+                             state_free="sgd", backend="reference")
+
     _patch_optimizer(monkeypatch, lambda method: method.name == "torch-foreach-fp32", twice_the_learning_rate)
     _patch_optimizer(monkeypatch, lambda method: method.name == "collage-light-reference", crash)
+    _patch_optimizer(monkeypatch, lambda method: method.name == "frugal-columns-reference", sgd_remainder)
     report = bench_optim.run(CPU, quick=True, elements=1024, repeats=1, backend_names=["reference"])
     rows = {row.backend: row for row in report.rows}
-    assert set(rows) == {"torch-foreach-fp32", "torch-bf16", "collage-light-reference", "collage-plus-reference"}
-    wrong = rows["torch-foreach-fp32"]
-    assert wrong.check == "failed" and wrong.ms is None
-    assert "update relative error" in wrong.note and wrong.update_error > wrong.update_tolerance
+    assert set(rows) == {"torch-foreach-fp32", "torch-bf16", "collage-light-reference", "collage-plus-reference",
+                         "frugal-blockwise-reference", "frugal-columns-reference"}
+    for name in ("torch-foreach-fp32", "frugal-columns-reference"):
+        wrong = rows[name]
+        assert wrong.check == "failed" and wrong.ms is None
+        assert "update relative error" in wrong.note and wrong.update_error > wrong.update_tolerance
     crashed = rows["collage-light-reference"]
     assert crashed.check == "failed" and crashed.ms is None and "kernel exploded" in crashed.note
-    assert timed == ["torch-bf16", "collage-plus-reference"]
+    assert timed == ["torch-bf16", "collage-plus-reference", "frugal-blockwise-reference"]
     assert all(rows[name].check == "passed" for name in timed)
 
 
@@ -150,7 +170,7 @@ def test_out_of_memory_while_allocating_is_a_row(monkeypatch):
     monkeypatch.setattr(bench_optim, "_parameters", out_of_memory)
     report = bench_optim.run(CPU, quick=True, elements=1024, repeats=1, backend_names=["reference"])
     checked = [row for row in report.rows if row.check == "passed"]
-    assert len(checked) == 4  # the torch baselines and the Collage reference (light, plus)
+    assert len(checked) == 6  # the torch baselines, the Collage reference (light, plus), FRUGAL's (two projections)
     assert all(row.out_of_memory and row.note == "out of memory" and row.ms is None for row in checked)
     assert all(row.state_bytes is None and row.gbps is None for row in checked)
 
@@ -174,7 +194,9 @@ def test_sizes_names_and_refusals_follow_the_brief():
     assert bench_optim.square_shape(7) == (1, 7)
     assert [method.name for method in bench_optim.candidate_methods(cuda)] == [
         "torch-fused-fp32", "torch-bf16", "collage-light-reference", "collage-light-cuda", "collage-light-triton",
-        "collage-plus-reference", "collage-plus-cuda", "collage-plus-triton", "optimi-kahan", "torchao-sr"]
+        "collage-plus-reference", "collage-plus-cuda", "collage-plus-triton", "frugal-blockwise-reference",
+        "frugal-blockwise-cuda", "frugal-blockwise-triton", "frugal-columns-reference", "frugal-columns-cuda",
+        "frugal-columns-triton", "optimi-kahan", "torchao-sr"]
     assert not any("triton" in method.name for method in bench_optim.candidate_methods(CPU))
     assert "optim" in cli.BENCHMARK_FAMILIES
     with pytest.raises(ValueError, match="unknown method"):

@@ -217,10 +217,12 @@ class FRUGAL(torch.optim.Optimizer):
     # State.
 
     def state_bytes(self) -> int:
-        """Bytes of per-parameter optimizer state (moments, int32 indices, projectors), excluding the parameters
-        and the constant-size generator state."""
-        return sum(value.numel() * value.element_size() for state in self.state.values()
-                   for value in state.values() if isinstance(value, Tensor))
+        """Bytes of per-parameter optimizer state (moments, int32 indices, projectors, Collage compensations, and the
+        kernels' int32 inverse of the indices: one entry per column or row), excluding the parameters and the
+        constant-size generator state."""
+        state = sum(value.numel() * value.element_size() for state in self.state.values()
+                    for value in state.values() if isinstance(value, Tensor))
+        return state + sum(positions.numel() * positions.element_size() for _, positions in self._positions.values())
 
     def state_dict(self) -> dict:
         state = super().state_dict()
