@@ -73,8 +73,14 @@ def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_b
 
     # Which elements are state-full, and where their moments are.
     if mode >= 2:
-        i = offsets // columns
-        j = offsets - i * columns
+        # (i, j) from the chunk's first element with one scalar division, then in int32 within the chunk (j0 + k <
+        # columns + BLOCK_SIZE < 2^31, checked on the host): a 64-bit division per element costs about as much as
+        # the memory traffic on the GPU.
+        first_row = start // columns
+        local = (start - first_row * columns).to(tl.int32) + tl.arange(0, BLOCK_SIZE)
+        rows_ahead = local // columns.to(tl.int32)
+        i = first_row + rows_ahead.to(tl.int64)
+        j = (local - rows_ahead * columns.to(tl.int32)).to(tl.int64)
         positions_ptr = _address(row_ptr, 5, 3)
         p = tl.load(positions_ptr + tl.where(mode == 2, j, i), mask=mask, other=-1).to(tl.int64)
         full = p >= 0
@@ -228,6 +234,9 @@ def frugal_split_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor]
             other = numel // size
             columns = size if mode == COLUMNS else other
             subspace = exp_avgs[index].numel() // other
+            if columns + block_size >= 2 ** 31:
+                raise ValueError(f"leanops_triton.frugal_split_step_: params[{index}] has rows of {columns} "
+                                 "elements; the Triton kernel indexes a row in int32 (fewer than 2^31 - 8192)")
         rows.append([theta.data_ptr(), params_lo[index].data_ptr() if params_lo else 0,
                      exp_avgs[index].data_ptr() if has_moments else 0,
                      exp_avg_sqs[index].data_ptr() if has_moments else 0, grads[index].data_ptr(),

@@ -71,17 +71,28 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t mode = entry.mode;
     const int64_t begin = (chunk - entry.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < entry.numel ? begin + kChunk : entry.numel;
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    const bool matrix = mode == kColumns || mode == kRows;
+    const int64_t columns = matrix ? entry.columns : 1;
+    // (i, j) of the thread's first element; then moved along by kThreads elements at a time, dividing only when j
+    // runs past the end of a row (a 64-bit division per element would cost about as much as the memory traffic).
+    const int64_t first = begin + threadIdx.x;
+    int64_t i = first / columns;
+    int64_t j = first - i * columns;
+    for (int64_t e = first; e < end; e += kThreads) {
       bool state_full = mode == kAdamW;
       int64_t moment = e;
-      if (mode == kColumns || mode == kRows) {
-        const int64_t i = e / entry.columns;
-        const int64_t j = e - i * entry.columns;
+      if (matrix) {
         const int64_t p = o.positions[mode == kColumns ? j : i];
         state_full = p >= 0;
-        moment = mode == kColumns ? i * entry.subspace + p : p * entry.columns + j;
+        moment = mode == kColumns ? i * entry.subspace + p : p * columns + j;
       }
       step_element<T, G, F, Compensated>(o, e, state_full, moment, s, entry.scalars);
+      j += kThreads;
+      if (j >= columns) {
+        const int64_t rows_crossed = j / columns;
+        i += rows_crossed;
+        j -= rows_crossed * columns;
+      }
     }
   }
 }
