@@ -21,9 +21,12 @@ BENCHMARK_FAMILIES = {
     "siglip": "leanops.benchmarks.bench_contrastive:run_siglip",
     "ce": "leanops.benchmarks.bench_cross_entropy:run",
     "optim": "leanops.benchmarks.bench_optim",
+    "scaling": "leanops.benchmarks.bench_scaling",
 }
 # The family that takes `input_kinds=` (--inputs).
 INPUT_KIND_FAMILIES = ("ce",)
+# Families that compute rather than measure: they need no device (--device is ignored).
+DEVICE_FREE_FAMILIES = ("scaling",)
 
 
 def _info(arguments) -> int:
@@ -43,7 +46,8 @@ def _bench(arguments, parser) -> int:
     import torch
 
     device_type = arguments.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
+    device_free = bool(arguments.families) and set(arguments.families) <= set(DEVICE_FREE_FAMILIES)
+    if device_type == "cuda" and not torch.cuda.is_available() and not device_free:
         parser.error("--device cuda, but no CUDA device is visible (see `leanops info`)")
     if arguments.repeats is not None and arguments.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {arguments.repeats}")
@@ -65,7 +69,8 @@ def _bench(arguments, parser) -> int:
     for family in arguments.families or list(BENCHMARK_FAMILIES):
         module_name, _, function_name = BENCHMARK_FAMILIES[family].partition(":")
         module = importlib.import_module(module_name)
-        print(f"leanops bench: running {family} on {device_type} ...", file=sys.stderr, flush=True)
+        where = "(computed, no device)" if family in DEVICE_FREE_FAMILIES else f"on {device_type}"
+        print(f"leanops bench: running {family} {where} ...", file=sys.stderr, flush=True)
         options = {"input_kinds": arguments.inputs.split(",")} if arguments.inputs and \
             family in INPUT_KIND_FAMILIES else {}
         report = getattr(module, function_name or "run")(

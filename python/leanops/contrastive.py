@@ -26,6 +26,7 @@ import torch
 
 from . import _validation, backends
 from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
+from . import distributed_contrastive
 from .reference import contrastive as reference_contrastive
 
 Tensor = torch.Tensor
@@ -140,8 +141,25 @@ def _resolve(op: str, backend: str, features: Tensor) -> str:
                             implemented=IMPLEMENTED)
 
 
+def _check_distributed(op: str, distributed, group, image_features: Tensor) -> None:
+    """distributed: None (this device's batch only), "ring" or "gather" over `group` (None: the default group)."""
+    if distributed is None:
+        if group is not None:
+            raise ValueError(f"{op}: argument 'group' is given but 'distributed' is None; pass distributed='ring' "
+                             f"or 'gather' to compute the loss across the group's ranks")
+        return
+    if distributed not in distributed_contrastive.MODES:
+        raise ValueError(f"{op}: argument 'distributed' must be None or one of {distributed_contrastive.MODES}, "
+                         f"got {distributed!r}")
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"{op}: distributed={distributed!r} needs an initialised torch.distributed process group "
+                           f"(torch.distributed.init_process_group, e.g. under torchrun)")
+    distributed_contrastive.check_batches(op, image_features, group)
+
+
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, labels: Tensor | None = None,
-              reduction: str = "mean", backend: str = "auto") -> Tensor:
+              reduction: str = "mean", backend: str = "auto", distributed: str | None = None,
+              group=None) -> Tensor:
     """CLIP / InfoNCE loss, 1/2 (image->text + text->image cross-entropy), without the B x B logits.
 
     Args:
@@ -153,12 +171,20 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, lab
         labels: None (i pairs with i), or (B,) int64 group ids: all pairs with equal ids are positives and each
             row's target is uniform over its positives.
         reduction: "mean" (open_clip's value), "sum", or "none" for the (B,) vector 1/2 (l_i2t + l_t2i).
+        distributed: None, or "ring" / "gather": the features (and labels, per-anchor scales) are this rank's b
+            samples, and the loss is that of the batch concatenated over the ranks of `group` (default: the whole
+            world), with gradients scaled for DistributedDataParallel (leanops.distributed_contrastive).
+        group: the torch.distributed process group (with `distributed`).
     Returns:
         The loss in float32 (float64 for float64 features). Gradients flow to both features and the scale.
     """
     op = "leanops.clip_loss"
     scale = _clip_arguments(op, image_features, text_features, logit_scale, labels, reduction)
+    _check_distributed(op, distributed, group, image_features)
     chosen = _resolve(op, backend, image_features)
+    if distributed is not None:
+        return distributed_contrastive.clip_loss(image_features, text_features, scale, labels, reduction,
+                                                 backends.operator_namespace(chosen), distributed, group)
     if chosen == "reference":
         return reference_contrastive.clip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype), scale,
                                                labels, reduction)
@@ -167,7 +193,8 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, lab
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
-                labels: Tensor | None = None, reduction: str = "mean", backend: str = "auto") -> Tensor:
+                labels: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
+                distributed: str | None = None, group=None) -> Tensor:
     """SigLIP loss, -sum_ij log sigmoid(label_ij (s <x_i, y_j> + b)) / B, without the B x B logits.
 
     Args:
@@ -176,10 +203,15 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
         labels: None (the diagonal is positive) or (B,) int64 group ids (equal ids are positives).
         reduction: "mean" (open_clip's value: the sum over pairs divided by B), "sum", or "none" for the (B,)
             per-image sums.
+        distributed, group: as clip_loss's (this rank's b samples; the loss of the concatenated batch).
     """
     op = "leanops.siglip_loss"
     scale, bias = _siglip_arguments(op, image_features, text_features, logit_scale, logit_bias, labels, reduction)
+    _check_distributed(op, distributed, group, image_features)
     chosen = _resolve(op, backend, image_features)
+    if distributed is not None:
+        return distributed_contrastive.siglip_loss(image_features, text_features, scale, bias, labels, reduction,
+                                                   backends.operator_namespace(chosen), distributed, group)
     if chosen == "reference":
         return reference_contrastive.siglip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype),
                                                  scale, bias, labels, reduction)

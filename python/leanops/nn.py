@@ -10,34 +10,43 @@ class ClipLoss(torch.nn.Module):
     as open_clip's ``ClipLoss`` (``logit_scale`` is the multiplier, open_clip's ``logit_scale.exp()``).
 
     ``labels`` (group ids for duplicate captions) may be passed to forward; see ``leanops.clip_loss``.
+    ``distributed="ring" | "gather"`` (and ``group``): each rank passes its own features and the loss is that of
+    the batch concatenated over the ranks (open_clip's ``gather_with_grad`` + ``local_loss``, without the logits).
     """
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, reduction: str = "mean", backend: str = "auto", distributed: str | None = None, group=None):
         super().__init__()
         self.reduction = reduction
         self.backend = backend
+        self.distributed = distributed
+        self.group = group
 
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False, labels=None):
         loss = contrastive.clip_loss(image_features, text_features, logit_scale, labels=labels,
-                                     reduction=self.reduction, backend=self.backend)
+                                     reduction=self.reduction, backend=self.backend, distributed=self.distributed,
+                                     group=self.group)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
 class SigLipLoss(torch.nn.Module):
     """SigLIP loss without the B x B logits; ``forward(image_features, text_features, logit_scale, logit_bias,
-    output_dict=False)`` as open_clip's ``SigLipLoss``."""
+    output_dict=False)`` as open_clip's ``SigLipLoss``. ``distributed`` and ``group`` as ``ClipLoss``'s (the
+    neighbour exchange of open_clip's SigLipLoss is ``distributed="ring"``)."""
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, reduction: str = "mean", backend: str = "auto", distributed: str | None = None, group=None):
         super().__init__()
         self.reduction = reduction
         self.backend = backend
+        self.distributed = distributed
+        self.group = group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
                 labels=None):
         if logit_bias is None:
             logit_bias = 0.0
         loss = contrastive.siglip_loss(image_features, text_features, logit_scale, logit_bias, labels=labels,
-                                       reduction=self.reduction, backend=self.backend)
+                                       reduction=self.reduction, backend=self.backend,
+                                       distributed=self.distributed, group=self.group)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
