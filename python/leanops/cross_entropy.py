@@ -25,6 +25,7 @@ import torch
 
 from . import _validation, backends
 from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
+from . import distributed_cross_entropy
 from .reference import cross_entropy as reference_cross_entropy
 
 Tensor = torch.Tensor
@@ -50,8 +51,9 @@ def _check_number(op: str, name: str, value, low: float, high: float, *, high_op
 
 
 def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
-                     squentropy, reduction) -> None:
-    """Every argument, before any kernel runs; each error names the argument."""
+                     squentropy, reduction, vocabulary: int | None = None) -> None:
+    """Every argument, before any kernel runs; each error names the argument. `vocabulary`: the number of classes
+    the targets index (default: weight's rows; a vocabulary-parallel classifier's total)."""
     _validation.check_tensor(op, "hidden", hidden, FLOAT_DTYPES)
     _validation.check_tensor(op, "weight", weight, FLOAT_DTYPES)
     if hidden.dim() < 1:
@@ -96,7 +98,7 @@ def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: argument 'reduction' must be one of {REDUCTIONS}, got {reduction!r}")
     if _validation.values_checkable(targets) and targets.numel():
-        vocabulary = weight.shape[0]
+        vocabulary = weight.shape[0] if vocabulary is None else vocabulary
         out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocabulary))
         if bool(out_of_range.any()):
             bad = targets[out_of_range][:5].tolist()
@@ -106,16 +108,21 @@ def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label
 
 def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
-                          squentropy: bool, reduction: str) -> Tensor:
-    """The loss from the four per-token statistics of the chunked primitives (module docstring)."""
+                          squentropy: bool, reduction: str, group=None) -> Tensor:
+    """The loss from the four per-token statistics of the chunked primitives (module docstring); with a `group`, of
+    the vocabulary-parallel classifier whose slices the group's ranks hold (leanops.distributed_cross_entropy)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
-    vocabulary = weight.shape[0]
     valid = flat_targets != ignore_index
     kernel_targets = torch.where(valid, flat_targets, -1)  # -1: no target logit, for the kernels
     kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
-    lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
-        flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
+    if group is None:
+        vocabulary = weight.shape[0]
+        lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
+            flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
+    else:
+        vocabulary, (lse, target_logit, logit_sum, logit_square_sum) = distributed_cross_entropy.statistics(
+            namespace, flat_hidden, weight, kernel_bias, kernel_targets, softcap or 0.0, group)
     # (1 - a)(lse - z_t) + a (lse - mean z), written as nll + a (z_t - mean z): the terms that cancel (lse and z_t,
     # equal for V = 1 or a confident token) meet in one subtraction, which is exact when they are equal.
     loss = lse - target_logit
@@ -133,7 +140,7 @@ def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, target
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
                          ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          softcap: float | None = None, squentropy: bool = False, reduction: str = "mean",
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", group=None) -> Tensor:
     """Cross-entropy of softcap(hidden @ weight^T + bias) against targets, without the N x V logits.
 
     Args:
@@ -146,14 +153,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
         squentropy: adds sum_{j != t} z'_j^2 / (V - 1) per token.
         reduction: "mean" over the valid tokens (0, not NaN, when there are none), "sum", or "none" (targets'
             shape, zeros at ignored tokens).
+        group: a torch.distributed process group for a vocabulary-parallel classifier: rank r of the group holds
+            rows [offset_r, offset_r + V_r) of the (V, D) classifier as `weight` (and `bias`), in rank order, any
+            V_r >= 1; hidden and targets (global class indices) are the same on every rank. The loss and the
+            gradients equal the single-device ones: hidden's gradient is the whole one on every rank (all-reduced),
+            weight's and bias's are this rank's slices (leanops.distributed_cross_entropy).
     Returns:
         The loss in float32 (float64 for float64 inputs). Gradients reach hidden, weight and bias in their dtype.
     """
     op = "leanops.linear_cross_entropy"
+    vocabulary = None if group is None else distributed_cross_entropy.check_and_count(op, hidden, weight, group)
     _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
-                     reduction)
+                     reduction, vocabulary)
     chosen = backends.resolve(op, backend, hidden.device, hidden.dtype, preference=PREFERENCE,
                               implemented=IMPLEMENTED)
+    if group is not None:
+        return _loss_from_primitives(backends.operator_namespace(chosen), hidden, weight, targets, bias,
+                                     ignore_index, label_smoothing, z_loss, softcap, squentropy, reduction, group)
     if chosen == "reference":
         accumulate = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         loss = reference_cross_entropy.linear_cross_entropy(
