@@ -116,12 +116,14 @@ SPECS = {
 }
 
 
-def default_batches(family: str, device: torch.device, quick: bool) -> list[int]:
+def default_batches(family: str, device: torch.device, quick: bool, full: bool = False) -> list[int]:
+    """The batch sizes of a run: quick, the default for the device, or full (larger ones too)."""
     if device.type == "cuda":
         if quick:
             return [4096, 8192]
-        return [8192, 16384, 32768, 65536, 131072] if family == "clip" else [8192, 16384, 32768, 65536]
-    return [256, 512] if quick else [512, 1024, 2048]
+        batches = [8192, 16384, 32768, 65536, 131072] if family == "clip" else [8192, 16384, 32768, 65536]
+        return batches + ([262144] if family == "clip" else [131072]) if full else batches
+    return [256, 512] if quick else [512, 1024, 2048, 4096, 8192] if full else [512, 1024, 2048]
 
 
 def default_dim_and_dtype(device: torch.device) -> tuple[int, torch.dtype]:
@@ -160,6 +162,8 @@ def _forward_backward(function: Callable, x, y, parameters):
 # Which methods run here, and why the others do not.
 
 def _inf_cl_unavailable_reason(spec: LossSpec, device: torch.device) -> str | None:
+    if common.peer_not_requested_reason():
+        return common.peer_not_requested_reason()
     if spec.inf_cl is None:
         return "Inf-CL has no sigmoid (SigLIP) loss"
     try:
@@ -227,16 +231,19 @@ class Checker(measurement.Checker):
 # The run.
 
 def run_family(family: str, device: torch.device, *, quick: bool = False, repeats: int | None = None,
-               elements: int | None = None, backend_names: list[str] | None = None) -> common.Report:
+               elements: int | None = None, backend_names: list[str] | None = None, full: bool = False,
+               dtype: torch.dtype | None = None) -> common.Report:
     """Check, time and measure the memory of every method of `family` ("clip" or "siglip") on `device`.
 
     `elements` is a single batch size B overriding the sweep; `backend_names` restricts the methods (any of
-    METHODS; plain PyTorch always runs: it is the baseline).
+    METHODS; plain PyTorch always runs: it is the baseline); `full` adds larger batches; `dtype` overrides the
+    features' dtype (default: bfloat16 on a GPU, float32 on the CPU).
     """
     spec = SPECS[family]
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    batches = [elements] if elements else default_batches(family, device, quick)
-    dim, dtype = default_dim_and_dtype(device)
+    batches = [elements] if elements else default_batches(family, device, quick, full)
+    dim, default_dtype = default_dim_and_dtype(device)
+    dtype = dtype or default_dtype
     methods = candidate_methods(spec, device)
     if backend_names:
         unknown = sorted(set(backend_names) - set(METHODS))
@@ -246,7 +253,7 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
     peak = measurement.peak_flops(device, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     report = common.Report(family, device, rows=[], settings={
-        "quick": quick, "repeats": repeats, "batches": batches, "dim": dim, "dtype": dtype_name,
+        "quick": quick, "full": full, "repeats": repeats, "batches": batches, "dim": dim, "dtype": dtype_name,
         "logit_scale": spec.scale, "logit_bias": spec.bias, "methods": methods, "check_batch": CHECK_BATCH,
         "peak_flops": peak, "time_budget_s": measurement.TIME_BUDGET_S[device.type],
         "memory": measurement.memory_method(device)})

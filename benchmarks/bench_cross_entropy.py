@@ -118,13 +118,16 @@ def sweep_shape(device: torch.device, quick: bool) -> tuple[int, int]:
     return GPU_SWEEP_SHAPE if device.type == "cuda" else (CPU_SWEEP[quick][0], CPU_DIM)
 
 
-def default_cases(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
-    """The (N, D, V) cases of a run, in order."""
+def default_cases(device: torch.device, quick: bool, full: bool = False) -> list[tuple[int, int, int]]:
+    """The (N, D, V) cases of a run, in order (full: on the CPU, a Llama-3-sized vocabulary too; on a GPU the
+    default already holds the issue's targets)."""
     if device.type == "cuda":
         if quick:
             return list(GPU_QUICK_CASES)
         return [GPU_SWEEP_SHAPE + (vocabulary,) for vocabulary in GPU_SWEEP_VOCABULARIES] + list(GPU_TARGET_CASES)
     tokens, vocabularies = CPU_SWEEP[quick]
+    if full:
+        vocabularies = vocabularies + (128256,)
     return [(tokens, CPU_DIM, vocabulary) for vocabulary in vocabularies]
 
 
@@ -227,6 +230,8 @@ def forward_backward(function: Callable, hidden, weight, targets):
 
 
 def _peer_unavailable_reason(method: str, device: torch.device) -> str | None:
+    if common.peer_not_requested_reason():
+        return common.peer_not_requested_reason()
     module, package = PEERS[method]
     try:
         importlib.import_module(module)
@@ -322,7 +327,8 @@ def _notes(device: torch.device, dtype_name: str, peak: float | None) -> list[st
 
 
 def run(device: torch.device, *, quick: bool = False, repeats: int | None = None, elements: int | None = None,
-        backend_names: list[str] | None = None, input_kinds: list[str] | None = None) -> common.Report:
+        backend_names: list[str] | None = None, input_kinds: list[str] | None = None, full: bool = False,
+        dtype: torch.dtype | None = None) -> common.Report:
     """``leanops bench ce``: check, time and measure the memory of every method on `device`.
 
     `elements` is a single vocabulary size V (at the sweep's N, D) overriding the cases; `backend_names`
@@ -330,12 +336,12 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
     INPUT_KINDS) overrides default_input_kinds.
     """
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    cases = [sweep_shape(device, quick) + (elements,)] if elements else default_cases(device, quick)
+    cases = [sweep_shape(device, quick) + (elements,)] if elements else default_cases(device, quick, full)
     kinds = tuple(input_kinds) if input_kinds else default_input_kinds(device)
     unknown = sorted(set(kinds) - set(INPUT_KINDS))
     if unknown:
         raise ValueError(f"unknown input kind(s) {unknown} for ce; expected some of {INPUT_KINDS}")
-    dtype = default_dtype(device)
+    dtype = dtype or default_dtype(device)
     methods = _methods(device, backend_names)
     peak = measurement.peak_flops(device, dtype)
     dtype_name = str(dtype).removeprefix("torch.")

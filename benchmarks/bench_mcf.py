@@ -10,7 +10,7 @@ import torch
 
 from leanops import backends, mcf
 
-from . import common
+from . import common, measurement
 
 FAMILY = "mcf"
 DTYPES = (torch.bfloat16, torch.float32)
@@ -19,10 +19,10 @@ TENSORS_MOVED = {"two_sum": 2 + 2, "grow_": 3 + 2}
 TRITON_INTERPRETER_NOTE = "Triton interpreter: checks correctness; its time is not a performance figure"
 
 
-def default_elements(device: torch.device, quick: bool) -> int:
+def default_elements(device: torch.device, quick: bool, full: bool = False) -> int:
     if device.type == "cuda":
-        return 2**24 if quick else 2**28
-    return 2**18 if quick else 2**22
+        return 2**24 if quick else 2**29 if full else 2**28
+    return 2**18 if quick else 2**24 if full else 2**22
 
 
 def copy_buffer_bytes(device: torch.device, quick: bool) -> int:
@@ -94,14 +94,17 @@ def _mismatch(expected, got) -> str | None:
 
 
 def run(device: torch.device, *, quick: bool = False, repeats: int | None = None, elements: int | None = None,
-        backend_names: list[str] | None = None) -> common.Report:
+        backend_names: list[str] | None = None, full: bool = False, dtype: torch.dtype | None = None
+        ) -> common.Report:
     """Check and time two_sum and grow_ on every usable backend for `device`, in bfloat16 and float32.
 
-    `elements` overrides the size (default: 2**28 on a GPU, 2**22 on the CPU; with `quick`, 2**24 and 2**18);
-    `backend_names` restricts the backends (the reference always runs: it is what the others are checked against).
+    `elements` overrides the size (default: 2**28 on a GPU, 2**22 on the CPU; with `quick`, 2**24 and 2**18; with
+    `full`, 2**29 and 2**24); `backend_names` restricts the backends (the reference always runs: it is what the
+    others are checked against); `dtype` runs that dtype only.
     """
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    elements = elements or default_elements(device, quick)
+    elements = elements or default_elements(device, quick, full)
+    dtypes = (dtype,) if dtype is not None else DTYPES
     names = candidate_backends(device)
     if backend_names:
         unknown = sorted(set(backend_names) - set(backends.BACKENDS))
@@ -112,7 +115,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
     torch.manual_seed(0)
     copy_bandwidth = common.copy_bandwidth_gbps(device, copy_buffer_bytes(device, quick), repeats)
     report = common.Report(FAMILY, device, rows=[], copy_bandwidth_gbps=copy_bandwidth,
-                           settings={"quick": quick, "repeats": repeats, "elements": elements,
+                           settings={"quick": quick, "full": full, "repeats": repeats, "elements": elements,
                                      "backends": list(names)})
     if device.type == "cpu" and "triton" in names:
         if backends.unavailable_reason("triton", device) is None:
@@ -122,7 +125,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
                                 "correctness tool, not a performance path")
 
     for op, make_case in CASES.items():
-        for dtype in DTYPES:
+        for dtype in dtypes:
             outputs, timed_call = make_case(elements, dtype, device)
             bytes_moved = TENSORS_MOVED[op] * elements * dtype.itemsize
             # A copy: grow_ works in place, and timing the reference below keeps growing its pair.
@@ -146,7 +149,8 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
                         continue
                     if backend == "triton" and device.type == "cpu":
                         row.note = "interpreter"
-                row.ms = common.measure_ms(timed_call(backend), device, repeats)
+                row.set_timing(common.time_calls(timed_call(backend), device, repeats,
+                                                   label=measurement.case_label(row)))
                 row.gbps = common.gbps(bytes_moved, row.ms)
                 row.fraction_of_copy = row.gbps / copy_bandwidth
             del expected, outputs, timed_call  # free this case before the next one allocates

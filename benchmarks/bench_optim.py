@@ -49,8 +49,9 @@ FAMILY = "optim"
 OP = "adamw_step"
 
 # (tensors, elements per tensor) per (device type, quick).
-SIZES = {("cuda", False): (16, 4096 * 4096), ("cuda", True): (4, 4096 * 4096),
-         ("cpu", False): (8, 512 * 512), ("cpu", True): (4, 256 * 256)}
+SIZES = {("cuda", "default"): (16, 4096 * 4096), ("cuda", "quick"): (4, 4096 * 4096),
+         ("cuda", "full"): (16, 4096 * 4096), ("cpu", "default"): (8, 512 * 512), ("cpu", "quick"): (4, 256 * 256),
+         ("cpu", "full"): (16, 1024 * 1024)}
 HYPERPARAMETERS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 PARAMETER_STD, GRADIENT_STD = 0.02, 1e-2
 CHECK_SHAPE = (64, 64)
@@ -131,9 +132,9 @@ def square_shape(elements: int) -> tuple[int, int]:
     return rows, elements // rows
 
 
-def default_size(device: torch.device, quick: bool) -> tuple[int, int]:
-    """(tensors, elements per tensor) of a run."""
-    return SIZES[(device.type, quick)]
+def default_size(device: torch.device, quick: bool, full: bool = False) -> tuple[int, int]:
+    """(tensors, elements per tensor) of a run (a GPU's default is already the issue's 268M parameters)."""
+    return SIZES[(device.type, common.size_class(quick, full))]
 
 
 def fp32_method_name(device: torch.device) -> str:
@@ -219,6 +220,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _peer_unavailable_reason(method: Method, device: torch.device) -> str | None:
+    if common.peer_not_requested_reason():
+        return common.peer_not_requested_reason()
     module, package = PEERS[method.name]
     if importlib.util.find_spec(module) is None:
         return f"not installed (pip install {package})"
@@ -457,21 +460,22 @@ def _notes(device: torch.device, tensors: int, shape: tuple[int, int]) -> list[s
 
 
 def run(device: torch.device, *, quick: bool = False, repeats: int | None = None, elements: int | None = None,
-        backend_names: list[str] | None = None) -> common.Report:
+        backend_names: list[str] | None = None, full: bool = False) -> common.Report:
     """``leanops bench optim``: check and time one step of every method on `device`.
 
     `elements` sets the parameter count per tensor (square-ish; the tensor count stays the default's);
     `backend_names` restricts the methods (method names, or leanops backend names for the Collage rows of that
-    backend; torch's baselines and the Collage reference always run).
+    backend; torch's baselines and the Collage reference always run); `full` uses the largest sizes (SIZES). The
+    dtypes are the methods' own (fp32 / bf16), so there is no dtype option.
     """
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    tensors, default_elements = default_size(device, quick)
+    tensors, default_elements = default_size(device, quick, full)
     shape = square_shape(elements or default_elements)
     params = tensors * shape[0] * shape[1]
     methods = _selected(candidate_methods(device), backend_names)
 
     torch.manual_seed(0)
-    copy_buffer = bench_mcf.copy_buffer_bytes(device, quick)
+    copy_buffer = bench_mcf.copy_buffer_bytes(device, quick)  # the copy ceiling's buffer, whatever the size class
     copy_bandwidth = common.copy_bandwidth_gbps(device, copy_buffer, repeats)
     report = common.Report(FAMILY, device, rows=[], copy_bandwidth_gbps=copy_bandwidth, settings={
         "quick": quick, "repeats": repeats, "tensors": tensors, "shape": list(shape), "params": params,

@@ -4,6 +4,8 @@ Times are medians over repeats after warm-up: CUDA events on a GPU (they time th
 them), ``time.perf_counter`` on the CPU. Bandwidths are in GB/s (10**9 bytes per second), counting every byte read
 and every byte written once.
 """
+import contextlib
+import csv
 import dataclasses
 import datetime
 import json
@@ -11,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -20,16 +23,107 @@ import leanops
 from leanops import info
 
 
+# Whether the peers (other projects' implementations) are run: the CLI runs them only with --peers; a direct call
+# of a family's run() does, as before. A peer that is not run is still a row saying why.
+_PEERS = {"enabled": True}
+
+
+@contextlib.contextmanager
+def peers_enabled(enabled: bool):
+    """Within the block, the families run their installed peers only if `enabled`."""
+    previous = _PEERS["enabled"]
+    _PEERS["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _PEERS["enabled"] = previous
+
+
+def peer_not_requested_reason() -> str | None:
+    """The note of a peer's row when peers are off (``leanops bench`` without --peers), else None."""
+    return None if _PEERS["enabled"] else "not run (pass --peers to run the installed peers)"
+
+
+class Progress:
+    """A one-line progress display on stderr while a family runs (only when stderr is a terminal): the family, the
+    number of timed measurements so far and the elapsed time, updated as each measurement ends."""
+
+    def __init__(self):
+        self.label, self.count, self.start = "", 0, 0.0
+
+    def begin(self, label: str) -> None:
+        self.label, self.count, self.start = label, 0, time.perf_counter()
+        self._show()
+
+    def tick(self) -> None:
+        self.count += 1
+        self._show()
+
+    def end(self) -> None:
+        if self.label and sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        self.label = ""
+
+    def _show(self) -> None:
+        if not self.label or not sys.stderr.isatty():
+            return
+        spinner = "|/-\\"[self.count % 4]
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r\033[K{spinner} {self.label}: {self.count} measurements, {elapsed:.0f} s")
+        sys.stderr.flush()
+
+
+PROGRESS = Progress()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A timed call as a benchmark family defines it: what pytest-benchmark times too (benchmarks/test_cases.py)."""
+    label: str
+    function: Callable[[], object]
+    device: torch.device
+
+
+_COLLECTED: dict[str, list[Case] | None] = {"cases": None}
+
+
+@contextlib.contextmanager
+def collecting():
+    """Within the block, every ``time_calls`` also records its call as a Case (the yielded list), so that one
+    definition of each benchmark case serves both ``leanops bench`` and pytest-benchmark."""
+    previous = _COLLECTED["cases"]
+    cases: list[Case] = []
+    _COLLECTED["cases"] = cases
+    try:
+        yield cases
+    finally:
+        _COLLECTED["cases"] = previous
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on `device` (a no-op on the CPU, where ops run synchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure_ms(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """The median time in milliseconds of one call of `function` on `device`, after `warmup` untimed calls."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Repeated timings of one call, in milliseconds: the median and the quartiles (the run-to-run spread)."""
+    median: float
+    q1: float
+    q3: float
+    repeats: int
+
+
+def time_calls(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2,
+               label: str | None = None) -> Timing:
+    """The median and quartiles of the time of one call of `function` on `device`, after `warmup` untimed calls.
+    `label` names the case (for ``collecting``)."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if label is not None and _COLLECTED["cases"] is not None:
+        _COLLECTED["cases"].append(Case(label, function, device))
     for _ in range(warmup):
         function()
     synchronize(device)
@@ -49,7 +143,16 @@ def measure_ms(function: Callable[[], object], device: torch.device, repeats: in
             function()
             synchronize(device)
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    PROGRESS.tick()
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], 1)
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median, q1, q3, len(times))
+
+
+def measure_ms(function: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """The median time in milliseconds of one call of `function` on `device`, after `warmup` untimed calls."""
+    return time_calls(function, device, repeats, warmup).median
 
 
 def copy_bandwidth_gbps(device: torch.device, buffer_bytes: int, repeats: int) -> float:
@@ -63,6 +166,16 @@ def copy_bandwidth_gbps(device: torch.device, buffer_bytes: int, repeats: int) -
     destination = torch.empty_like(source)
     milliseconds = measure_ms(lambda: destination.copy_(source), device, repeats)
     return gbps(2 * elements * 4, milliseconds)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def size_class(quick: bool, full: bool) -> str:
+    """"quick" (small, fast), "default" (what suits the device) or "full" (every size, the largest too)."""
+    if quick and full:
+        raise ValueError("quick and full exclude each other")
+    return "quick" if quick else "full" if full else "default"
 
 
 def gbps(bytes_moved: int, milliseconds: float) -> float:
@@ -86,6 +199,11 @@ class Row:
     gbps: float | None = None
     fraction_of_copy: float | None = None
     note: str = ""
+    ms_q1: float | None = None  # the quartiles of the timed repeats: the run-to-run spread around ``ms``
+    ms_q3: float | None = None
+
+    def set_timing(self, timing: Timing) -> None:
+        self.ms, self.ms_q1, self.ms_q3 = timing.median, timing.q1, timing.q3
 
 
 @dataclasses.dataclass
@@ -130,11 +248,9 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def write_results(out_dir: str, report: Report) -> str:
-    """Write `report` as JSON to ``<out_dir>/<family>-<device type>.json`` and return that path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{report.family}-{report.device.type}.json")
-    document = {
+def results_document(report: Report) -> dict:
+    """`report` as the JSON document of ``write_results`` (environment, settings, notes, rows as dicts)."""
+    return {
         "family": report.family,
         "environment": environment(report.device),
         "settings": report.settings,
@@ -142,10 +258,28 @@ def write_results(out_dir: str, report: Report) -> str:
         "notes": report.notes,
         "rows": [dataclasses.asdict(row) for row in report.rows],
     }
-    with open(path, "w", encoding="utf-8") as file:
+
+
+def write_results(out_dir: str, report: Report) -> list[str]:
+    """Write `report` as JSON to ``<out_dir>/<family>-<device type>.json`` and its rows as CSV beside it (one line
+    per row, with the device, date, versions and commit in every line); return both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{report.family}-{report.device.type}")
+    document = results_document(report)
+    where, rows = document["environment"], document["rows"]
+    with open(stem + ".json", "w", encoding="utf-8") as file:
         json.dump(document, file, indent=2)
         file.write("\n")
-    return path
+    context = {"family": report.family, **{key: value for key, value in where.items() if not isinstance(value, dict)}}
+    base = [field.name for field in dataclasses.fields(Row)]
+    columns = list(context) + base + sorted({key for row in rows for key in row} - set(base))
+    with open(stem + ".csv", "w", encoding="utf-8", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**context, **{key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                                           for key, value in row.items()}})
+    return [stem + ".json", stem + ".csv"]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

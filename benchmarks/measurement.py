@@ -258,7 +258,7 @@ def measure(row: TimedRow, step: Callable[[], object], device: torch.device, rep
     row.peak_extra_bytes, memory_note = peak_extra_memory(step, device, call_seconds)
     budget = TIME_BUDGET_S[device.type]
     row.repeats = max(1, min(repeats, int(budget / max(call_seconds, 1e-9))))
-    row.ms = common.measure_ms(step, device, row.repeats, warmup=0)  # warmed up above
+    row.set_timing(common.time_calls(step, device, row.repeats, warmup=0, label=case_label(row)))  # warmed up
     row.tflops = row.flop_floor / (row.ms * 1e-3) / 1e12
     if peak is not None:
         row.fraction_of_peak = row.tflops * 1e12 / peak
@@ -266,6 +266,13 @@ def measure(row: TimedRow, step: Callable[[], object], device: torch.device, rep
     if row.repeats < repeats:
         notes.append(f"{row.repeats} repeats (time budget {budget:.0f} s)")
     row.note = "; ".join(notes)
+
+
+def case_label(row: common.Row) -> str:
+    """A row's case as a short name: op, method, dtype and the sizes that identify it."""
+    sizes = [f"{key}={getattr(row, key)}" for key in ("elements", "inputs", "tokens", "vocabulary", "shape")
+             if getattr(row, key, None) not in (None, "", [])]
+    return "/".join([row.op, row.backend, row.dtype] + sizes)
 
 
 def measure_or_record(row: TimedRow, step: Callable[[], object], device: torch.device, repeats: int,
@@ -337,14 +344,22 @@ def format_number(value, pattern: str) -> str:
 
 
 # The table columns of what ``measure`` fills, in the order ``timing_cells`` gives them.
-TIMING_HEADER = ["ms", "GFLOP floor", "TFLOP/s", "% of peak", "peak extra mem"]
+TIMING_HEADER = ["ms", "spread", "GFLOP floor", "TFLOP/s", "% of peak", "peak extra mem"]
+
+
+def spread_cell(row: common.Row) -> str:
+    """The run-to-run spread of a row's time: its interquartile range relative to the median, as "±x%" (half of
+    it either side)."""
+    if row.ms is None or row.ms_q1 is None or row.ms_q3 is None or row.ms <= 0:
+        return ""
+    return f"±{50 * (row.ms_q3 - row.ms_q1) / row.ms:.1f}%"
 
 
 def timing_cells(row: common.Row) -> list[str]:
     """A row's cells under TIMING_HEADER ("" where there is no number)."""
     flop_floor = getattr(row, "flop_floor", None)
     fraction = getattr(row, "fraction_of_peak", None)
-    return [format_number(row.ms, "{:.3f}"), format_number(flop_floor and flop_floor / 1e9, "{:.1f}"),
+    return [format_number(row.ms, "{:.3f}"), spread_cell(row), format_number(flop_floor and flop_floor / 1e9, "{:.1f}"),
             format_number(getattr(row, "tflops", None), "{:.3g}"),
             format_number(None if fraction is None else 100 * fraction, "{:.1f}%"),
             format_bytes(getattr(row, "peak_extra_bytes", None))]

@@ -17,7 +17,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest ninja setuptools wheel matplotlib
+"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest pytest-benchmark ninja setuptools \
+  wheel matplotlib
 # transformers: only for the Hugging Face integration's parity test (tiny random models, nothing downloaded).
 "$venv/bin/python" -m pip install --quiet transformers
 # --no-build-isolation: the extension compiles against the torch installed above, not a second download.

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_bench_writes_checked_times_table_and_plots(family, tmp_path, capsys):
-    status = cli.main(["bench", family, "--device", "cpu", "--quick", "--size", "256", "--repeats", "2",
+    status = cli.main(["bench", family, "--peers", "--device", "cpu", "--quick", "--size", "256", "--repeats", "2",
                        "--out", str(tmp_path)])
     assert status == 0
     results = json.loads((tmp_path / f"{family}-cpu.json").read_text())

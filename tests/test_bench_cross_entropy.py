@@ -20,7 +20,7 @@ def _usable_kernels() -> list[str]:
 
 
 def test_bench_writes_checked_times_table_and_plots(tmp_path, capsys):
-    status = cli.main(["bench", "ce", "--device", "cpu", "--quick", "--size", "2048", "--repeats", "2",
+    status = cli.main(["bench", "ce", "--peers", "--device", "cpu", "--quick", "--size", "2048", "--repeats", "2",
                        "--out", str(tmp_path)])
     assert status == 0
     results = json.loads((tmp_path / "ce-cpu.json").read_text())

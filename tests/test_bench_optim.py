@@ -39,7 +39,7 @@ def _timed_methods() -> list[str]:
 
 
 def _bench(tmp_path, *options) -> tuple[int, dict]:
-    status = cli.main(["bench", "optim", "--device", "cpu", "--quick", "--size", "4096", "--repeats", "2",
+    status = cli.main(["bench", "optim", "--peers", "--device", "cpu", "--quick", "--size", "4096", "--repeats", "2",
                        "--out", str(tmp_path), *options])
     return status, json.loads((tmp_path / "optim-cpu.json").read_text())
 

@@ -107,5 +107,5 @@ def test_needs_no_gpu_and_joins_the_families(tmp_path, capsys):
     assert scaling.run(torch.device("cuda")).device.type == "cpu"  # device-independent: always scaling-cpu.json
     # --device cuda is accepted (and ignored) even where no GPU is visible: the model computes, it runs nothing.
     assert cli.main(["bench", "scaling", "--device", "cuda", "--out", str(tmp_path)]) == 0
-    assert [path.name for path in tmp_path.iterdir()] == ["scaling-cpu.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["scaling-cpu.csv", "scaling-cpu.json"]
     assert "running scaling (computed, no device)" in capsys.readouterr().err

@@ -110,3 +110,55 @@ def test_bench_rejects_unknown_family_and_missing_gpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             cli.main(["bench", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_bench_dtype_csv_peers_and_compare(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    options = ["--device", "cpu", "--repeats", "3", "--size", "4096", "--dtype", "float32"]
+    assert cli.main(["bench", "mcf", "--out", str(first)] + options) == 0
+    document = json.loads((first / "mcf-cpu.json").read_text())
+    assert {row["dtype"] for row in document["rows"]} == {"float32"}  # --dtype: that dtype only
+    timed = [row for row in document["rows"] if row["ms"] is not None]
+    assert timed and all(row["ms_q1"] <= row["ms"] <= row["ms_q3"] for row in timed)  # median and spread
+    csv_lines = (first / "mcf-cpu.csv").read_text().splitlines()
+    assert len(csv_lines) == len(document["rows"]) + 1
+    assert csv_lines[0].startswith("family,device,device_type,date_utc") and "git_commit" in csv_lines[0]
+    capsys.readouterr()
+    # --compare runs the old file's family again (no family named) and prints the comparison after the tables.
+    assert cli.main(["bench", "--compare", str(first / "mcf-cpu.json"), "--out", str(second)] + options) == 0
+    out = capsys.readouterr().out
+    assert "mcf: this run" in out and "verdict" in out and "beyond the run-to-run spread" in out
+    assert "two_sum reference float32 elements=4096" in out
+
+
+def test_compare_flags_only_changes_beyond_the_spread():
+    from leanops.benchmarks import compare
+
+    def row(ms, q1, q3, backend="cpu"):
+        return {"op": "two_sum", "backend": backend, "dtype": "float32", "elements": 10, "bytes_moved": 1,
+                "check": "passed", "ms": ms, "ms_q1": q1, "ms_q3": q3, "note": ""}
+
+    old = {"family": "mcf", "rows": [row(10, 9, 11), row(10, 9.5, 10.5, "triton"), row(10, 9, 11, "cuda")]}
+    new = {"family": "mcf", "rows": [row(20, 19, 21), row(10.4, 10, 10.8, "triton"), row(5, 4, 6, "reference")]}
+    changes, only_old, only_new = compare.compare(old, new)
+    verdicts = {change.case.split()[1]: change.verdict for change in changes}
+    assert verdicts == {"cpu": "slower", "triton": "within spread"}
+    assert changes[0].ratio == 2.0
+    assert len(only_old) == 1 and "cuda" in only_old[0] and len(only_new) == 1 and "reference" in only_new[0]
+
+
+def test_bench_peers_are_rows_not_runs_without_the_flag(tmp_path):
+    from leanops.benchmarks import bench_optim, common
+
+    with common.peers_enabled(False):
+        report = bench_optim.run(torch.device("cpu"), quick=True, elements=1024, repeats=1,
+                                 backend_names=["reference"])
+    with common.peers_enabled(True):
+        reason = bench_optim.unavailable_reason(bench_optim.Method("optimi-kahan", torch.bfloat16, "optimi-kahan",
+                                                                   "compensated"), torch.device("cpu"))
+    peers = [row for row in report.rows if row.backend in bench_optim.PEERS]
+    assert peers == []  # --backends reference: only the baselines and the references
+    assert reason is not None and "--peers" not in reason  # with peers on: installed or not, on a GPU only
+    with common.peers_enabled(False):
+        assert "--peers" in bench_optim.unavailable_reason(
+            bench_optim.Method("optimi-kahan", torch.bfloat16, "optimi-kahan", "compensated"), torch.device("cpu"))

@@ -7,6 +7,7 @@ Run ``leanops <command> --help`` for the options.
 """
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -62,32 +63,66 @@ def _bench(arguments, parser) -> int:
     out_dir = arguments.out or _default_out_dir()
     backend_names = arguments.backends.split(",") if arguments.backends else None
 
-    from leanops.benchmarks import common
+    from leanops.benchmarks import common, compare
 
-    reports = []
-    tables = []
-    for family in arguments.families or list(BENCHMARK_FAMILIES):
+    old_results = {}
+    for path in arguments.compare or []:
+        try:
+            document = compare.load(path)
+        except (OSError, ValueError) as error:
+            parser.error(f"--compare: {error}")
+        old_results[document["family"]] = document
+    families = arguments.families or (list(old_results) if old_results else list(BENCHMARK_FAMILIES))
+    unknown = [family for family in old_results if family not in BENCHMARK_FAMILIES]
+    if unknown:
+        parser.error(f"--compare: unknown benchmark family {', '.join(unknown)} in the old results")
+    dtype = common.DTYPES[arguments.dtype] if arguments.dtype else None
+
+    reports, tables, comparisons = [], [], []
+    for family in families:
         module_name, _, function_name = BENCHMARK_FAMILIES[family].partition(":")
         module = importlib.import_module(module_name)
+        run = getattr(module, function_name or "run")
         where = "(computed, no device)" if family in DEVICE_FREE_FAMILIES else f"on {device_type}"
         print(f"leanops bench: running {family} {where} ...", file=sys.stderr, flush=True)
         options = {"input_kinds": arguments.inputs.split(",")} if arguments.inputs and \
             family in INPUT_KIND_FAMILIES else {}
-        report = getattr(module, function_name or "run")(
-            device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
-            backend_names=backend_names, **options)
+        for name, value in (("full", arguments.full), ("dtype", dtype)):
+            if not value:
+                continue
+            if _accepts(run, name):
+                options[name] = value
+            else:
+                print(f"leanops bench: --{name} does not apply to {family} (ignored)", file=sys.stderr)
+        common.PROGRESS.begin(family)
+        try:
+            with common.peers_enabled(arguments.peers):
+                report = run(device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
+                             backend_names=backend_names, **options)
+        finally:
+            common.PROGRESS.end()
         plot_paths = module.write_plots(out_dir, report) if hasattr(module, "write_plots") else []
-        path = common.write_results(out_dir, report)
-        for written in [path] + plot_paths:
+        if family in old_results:
+            comparisons.append((old_results[family], common.results_document(report)))
+        paths = common.write_results(out_dir, report)
+        for written in paths + plot_paths:
             print(f"leanops bench: wrote {written}", file=sys.stderr)
         reports.append(report)
         tables.append(getattr(module, "format_report", common.format_report)(report))
     print("\n\n".join(tables))
+    for old_document, new_document in comparisons:
+        print("\n" + compare.format_comparison(old_document, new_document))
     failures = sum(row.check == "failed" for report in reports for row in report.rows)
     if failures:
         print(f"leanops bench: {failures} backend check(s) FAILED: outputs differ from the reference",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def _accepts(function, name: str) -> bool:
+    """Whether `function` takes the keyword `name` (or any keyword, through **options)."""
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
                               help=f"families to run (default: all of {', '.join(BENCHMARK_FAMILIES)})")
     bench_parser.add_argument("--device", choices=("cpu", "cuda"),
                               help="device type (default: cuda if a GPU is visible, else cpu)")
-    bench_parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
+    sizes = bench_parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
+    sizes.add_argument("--full", action="store_true",
+                       help="every size, the largest too (default: sizes that suit the device; a CPU run takes a "
+                            "few minutes)")
+    bench_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                              help="the dtype of the families that take one (mcf, clip, siglip, ce, scaling; "
+                                   "default: bfloat16 on a GPU, float32 on the CPU)")
+    bench_parser.add_argument("--peers", action="store_true",
+                              help="also run every installed peer (inf-cl, liger-kernel, cut-cross-entropy, "
+                                   "torch-optimi, torchao); without it their rows say they were not run")
+    bench_parser.add_argument("--compare", nargs="+", metavar="OLD.json",
+                              help="earlier results of a family (<family>-<device>.json): run the same families "
+                                   "again and show what got faster or slower beyond the run-to-run spread")
     bench_parser.add_argument("--out", metavar="DIR",
                               help="directory for the JSON results (default: benchmarks/results if it exists "
                                    "here, else ./leanops-results)")
