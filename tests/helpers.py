@@ -1,6 +1,11 @@
 """Shared test helpers: the (backend, device) cases this machine can run, input generators, and a free port for the
 torch.distributed tests."""
+import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,6 +118,28 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_report_script(name: str) -> dict:
+    """Run tests/<name> (a compile report script) in a process without TRITON_INTERPRET and return its JSON."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+@contextlib.contextmanager
+def gloo_process_group(rank: int, world_size: int, port: int):
+    """This process as `rank` of a gloo process group on 127.0.0.1:`port`, destroyed on leaving the block."""
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 __all__ = ["leanops"]

@@ -33,23 +33,28 @@ PTX_PATTERNS = {
 }
 
 
-def compile_case(storage: int, plus: bool, metrics: bool, aligned: bool) -> dict:
-    signature = {"table_ptr": "*i64", "n_rows": "i32", "partials_ptr": "*fp64"}
-    signature.update({name: "fp32" for name in SCALARS})
-    constexprs = {"STORAGE": storage, "PLUS": plus, "METRICS": metrics, "ALIGNED": aligned,
-                  "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
-    signature.update({name: "constexpr" for name in constexprs})
-    # What Triton's launcher specialises at run time: torch's buffers (the table, the partials) are 16-byte aligned.
-    attributes = {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
-    source = ASTSource(fn=kernels._collage_adamw_kernel, signature=signature, constexprs=constexprs,
-                       attrs=attributes)
-    compiled = triton.compile(source, target=HOPPER,
-                              options={"num_warps": kernels.NUM_WARPS_GPU, "enable_fp_fusion": False})
+def count_ptx(kernel, signature: dict, constexprs: dict, aligned_pointers: tuple[int, ...], num_warps: int) -> dict:
+    """Compile `kernel` for sm_90 (no FMA contraction) and count PTX_PATTERNS in its PTX, plus ptxas's registers and
+    spills. `signature` gives the runtime arguments' types; `aligned_pointers` are the argument positions that
+    Triton's launcher specialises as 16-byte aligned at run time (torch's buffers are)."""
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    attributes = {(position,): [["tt.divisibility", 16]] for position in aligned_pointers}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attributes)
+    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "enable_fp_fusion": False})
     if "cubin" not in compiled.asm:
         raise RuntimeError("no cubin")
     ptx = compiled.asm["ptx"]
     report = {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
     report.update(ptxas_report(ptx))
+    return report
+
+
+def compile_case(storage: int, plus: bool, metrics: bool, aligned: bool) -> dict:
+    signature = {"table_ptr": "*i64", "n_rows": "i32", "partials_ptr": "*fp64"}
+    signature.update({name: "fp32" for name in SCALARS})
+    constexprs = {"STORAGE": storage, "PLUS": plus, "METRICS": metrics, "ALIGNED": aligned,
+                  "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
+    report = count_ptx(kernels._collage_adamw_kernel, signature, constexprs, (0, 2), kernels.NUM_WARPS_GPU)
     # Elements per thread, times two code paths (full chunks and the masked tail chunk).
     report["elements_per_thread_paths"] = 2 * kernels.BLOCK_SIZE_GPU // (32 * kernels.NUM_WARPS_GPU)
     return report

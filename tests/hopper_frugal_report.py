@@ -5,16 +5,11 @@ correctly rounded divisions and square roots, flush-to-zero, registers and spill
 Run as a script, in a process where TRITON_INTERPRET is unset; test_frugal_triton_compile.py runs it and checks it.
 """
 import json
-import re
 import sys
-
-import triton
-from triton.compiler import ASTSource
 
 from leanops.triton_kernels import frugal as kernels
 
-from hopper_collage_report import HOPPER, PTX_PATTERNS
-from hopper_ptxas import ptxas_report
+from hopper_collage_report import count_ptx
 
 STORAGES = {"float32": 0, "float16": 1, "bfloat16": 2}
 SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "free_lr")
@@ -25,18 +20,7 @@ def compile_case(storage: int, grad_storage: int, compensated: bool, rule: int) 
     signature.update({name: "fp32" for name in SCALARS})
     constexprs = {"STORAGE": storage, "GRAD_STORAGE": grad_storage, "COMPENSATED": compensated, "RULE": rule,
                   "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
-    signature.update({name: "constexpr" for name in constexprs})
-    attributes = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
-    source = ASTSource(fn=kernels._frugal_split_step_kernel, signature=signature, constexprs=constexprs,
-                       attrs=attributes)
-    compiled = triton.compile(source, target=HOPPER,
-                              options={"num_warps": kernels.NUM_WARPS_GPU, "enable_fp_fusion": False})
-    if "cubin" not in compiled.asm:
-        raise RuntimeError("no cubin")
-    ptx = compiled.asm["ptx"]
-    report = {name: len(re.findall(pattern, ptx)) for name, pattern in PTX_PATTERNS.items()}
-    report.update(ptxas_report(ptx))
-    return report
+    return count_ptx(kernels._frugal_split_step_kernel, signature, constexprs, (0, 1), kernels.NUM_WARPS_GPU)
 
 
 def cases():

@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import free_port, gloo_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -16,9 +15,7 @@ pytestmark = pytest.mark.distributed
 def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from leanops.optim import CollageAdamW, collage
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         torch.manual_seed(0)  # the same initial model on every rank
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
         model = model.to(torch.bfloat16)
@@ -36,8 +33,6 @@ def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         state.update({f"{name}.lo": optimizer.state[parameter]["param_lo"].clone()
                       for name, parameter in model.named_parameters()})
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_every_rank_ends_with_identical_parameters(tmp_path):

@@ -3,24 +3,17 @@ bit-exactness with the reference depends on: no multiply-add contracted into an 
 TwoProd's error terms in plus mode, one per element and code path), divisions and square roots correctly rounded
 (div.rn / sqrt.rn, not div.full / sqrt.approx), no flush-to-zero; and what bandwidth depends on: 16-byte vector
 loads and stores of every operand in full chunks when the addresses are aligned, no register spills."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
+from helpers import run_report_script  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def report():
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "hopper_collage_report.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    return run_report_script("hopper_collage_report.py")
 
 
 def test_every_variant_compiled(report):

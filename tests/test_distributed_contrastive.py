@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import leanops
-from helpers import free_port
+from helpers import free_port, gloo_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -61,9 +61,7 @@ def _objective(value, reduction):
 
 
 def _run_cases(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         results = {}
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         for case in _cases():
@@ -81,8 +79,6 @@ def _run_cases(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 "value": value.detach(), "grad_image": image.grad, "grad_text": text.grad, "grad_scale": scale.grad,
                 "grad_bias": bias.grad if loss == "siglip" else torch.zeros(())}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _single_device(case, world_size):
@@ -169,9 +165,7 @@ def _tower_batch(world_size: int):
 
 
 def _train_ddp(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         images, texts, labels = _tower_batch(world_size)
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         results = {}
@@ -191,8 +185,6 @@ def _train_ddp(rank: int, world_size: int, port: int, out_dir: str) -> None:
                     results[f"{loss}/{mode}/{name}"] = parameter.grad.clone()
                 results[f"{loss}/{mode}/value"] = value.detach()
         torch.save(results, os.path.join(out_dir, f"ddp{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_parameter_gradients_equal_single_process(tmp_path):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import leanops
-from helpers import free_port
+from helpers import free_port, gloo_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -47,9 +47,7 @@ def _cases():
 
 
 def _run(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         results = {}
         mine = _slices(world_size)[rank]
         for case in _cases():
@@ -65,8 +63,6 @@ def _run(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 "loss": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad,
                 "grad_bias": bias.grad if with_bias else torch.zeros(0)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import free_port
+from helpers import free_port, gloo_process_group
 
 pytestmark = pytest.mark.distributed
 
@@ -17,9 +16,7 @@ PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
 def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     from leanops.optim import FRUGAL
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         results = {}
         for projection in PROJECTIONS:
             torch.manual_seed(0)  # the same initial model on every rank
@@ -41,8 +38,6 @@ def _train_on_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
                     if key in optimizer.state[parameter]:
                         results[f"{projection}/{name}/{key}"] = optimizer.state[parameter][key].clone()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_share_rank_zeros_subspaces_and_end_identical(tmp_path):

@@ -1,24 +1,17 @@
 """The FRUGAL split-step Triton kernel compiles for Hopper (sm_90) on a machine without a GPU, and its PTX keeps
 what bit-exactness with the oracle (python/leanops/reference/frugal.py) depends on: no multiply-add contracted into
 an FMA, divisions and square roots correctly rounded (div.rn / sqrt.rn), no flush-to-zero; and no register spills."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
+from helpers import run_report_script  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def report():
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "hopper_frugal_report.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=environment, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    return run_report_script("hopper_frugal_report.py")
 
 
 def test_every_variant_compiled(report):

@@ -75,25 +75,6 @@ void step_all(at::TensorList params, at::TensorList params_lo, at::TensorList ex
   }
 }
 
-// The parameter type T (its format F), the gradient type (T or float) and the compensation, chosen at run time.
-template <typename T, typename F>
-void dispatch_gradient(bool float_grads, bool compensated, at::TensorList params, at::TensorList params_lo,
-                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList grads,
-                       at::TensorList positions, at::TensorList addends, at::IntArrayRef modes,
-                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_roots,
-                       const Scalars& s) {
-  auto run = [&](auto grad_tag, auto compensated_tag) {
-    using G = decltype(grad_tag);
-    step_all<T, G, F, decltype(compensated_tag)::value>(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions,
-                                                        addends, modes, step_sizes, bias_correction2_roots, s);
-  };
-  if (float_grads) {
-    compensated ? run(float{}, std::true_type{}) : run(float{}, std::false_type{});
-  } else {
-    compensated ? run(T{}, std::true_type{}) : run(T{}, std::false_type{});
-  }
-}
-
 void frugal_split_step_cpu(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList grads, at::TensorList positions,
                            at::TensorList addends, at::IntArrayRef modes, at::ArrayRef<double> step_sizes,
@@ -105,19 +86,11 @@ void frugal_split_step_cpu(at::TensorList params, at::TensorList params_lo, at::
   const Scalars s = make_scalars(beta1, beta2, eps, decay, free_lr, state_free);
   const at::ScalarType dtype = params[0].scalar_type();
   const bool float_grads = grads[0].scalar_type() == at::kFloat && dtype != at::kFloat;
-  const bool compensated = !params_lo.empty();
-  if (dtype == at::kFloat) {
-    step_all<float, float, eft::Float32Format, false>(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions,
-                                                      addends, modes, step_sizes, bias_correction2_roots, s);
-  } else if (dtype == at::kBFloat16) {
-    dispatch_gradient<c10::BFloat16, eft::BFloat16Format>(float_grads, compensated, params, params_lo, exp_avgs,
-                                                           exp_avg_sqs, grads, positions, addends, modes, step_sizes,
-                                                           bias_correction2_roots, s);
-  } else {
-    dispatch_gradient<c10::Half, eft::Float16Format>(float_grads, compensated, params, params_lo, exp_avgs,
-                                                      exp_avg_sqs, grads, positions, addends, modes, step_sizes,
-                                                      bias_correction2_roots, s);
-  }
+  dispatch_step_types(dtype, float_grads, !params_lo.empty(), [&](auto param, auto grad, auto format, auto compensated) {
+    step_all<decltype(param), decltype(grad), decltype(format), decltype(compensated)::value>(
+        params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes, bias_correction2_roots,
+        s);
+  });
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "leanops/collage_step.h"
+#include "leanops/multi_tensor_cuda.cuh"
 
 namespace leanops {
 namespace collage {
@@ -126,18 +127,7 @@ __global__ void __launch_bounds__(kThreads)
     collage_step_kernel(const TensorEntry* __restrict__ table, int num_tensors, int64_t num_chunks, const Scalars s,
                         double* __restrict__ partials) {
   for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    // The last tensor whose first chunk is at or before `chunk` (the same for the whole block).
-    int low = 0;
-    int high = num_tensors - 1;
-    while (low < high) {
-      const int middle = (low + high + 1) >> 1;
-      if (table[middle].first_chunk <= chunk) {
-        low = middle;
-      } else {
-        high = middle - 1;
-      }
-    }
-    const TensorEntry& entry = table[low];
+    const TensorEntry& entry = multi_tensor::entry_of_chunk(table, num_tensors, chunk);
     uint16_t* __restrict__ theta = reinterpret_cast<uint16_t*>(entry.pointer[0]);
     uint16_t* __restrict__ theta_lo = reinterpret_cast<uint16_t*>(entry.pointer[1]);
     uint16_t* __restrict__ m = reinterpret_cast<uint16_t*>(entry.pointer[2]);
@@ -229,14 +219,7 @@ template <typename Storage, bool Plus, bool Metrics>
 void launch_step(const TensorEntry* table, int num_tensors, int64_t num_chunks, const Scalars& scalars,
                  double* partials, int device_index, cudaStream_t stream) {
   const auto kernel = collage_step_kernel<Storage, Plus, Metrics>;
-  static const int blocks_per_sm = [&] {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-    return std::max(blocks, 1);
-  }();
-  int multiprocessors = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device_index));
-  const int64_t grid = std::min<int64_t>(num_chunks, static_cast<int64_t>(multiprocessors) * blocks_per_sm);
+  const int64_t grid = multi_tensor::grid_for(kernel, kThreads, num_chunks, device_index);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(table, num_tensors, num_chunks, scalars, partials);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -274,10 +257,7 @@ void collage_adamw_step_cuda(at::TensorList params, at::TensorList params_lo, at
   }
   if (entries.empty()) return;  // nothing to update, and telemetry sums of nothing
   TORCH_CHECK(entries.size() <= static_cast<size_t>(INT32_MAX), "leanops.collage_adamw_step_: too many tensors");
-  at::Tensor host_table = at::empty({static_cast<int64_t>(entries.size() * sizeof(TensorEntry) / sizeof(int64_t))},
-                                    at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(host_table.mutable_data_ptr(), entries.data(), entries.size() * sizeof(TensorEntry));
-  const at::Tensor table = host_table.to(device, /*non_blocking=*/true);
+  const at::Tensor table = multi_tensor::upload_table(entries, device);
   const auto* table_pointer = reinterpret_cast<const TensorEntry*>(table.const_data_ptr());
   const int num_tensors = static_cast<int>(entries.size());
 

@@ -5,7 +5,7 @@
 // a table, one entry per non-empty tensor (its seven operand pointers, its size and matrix view, its mode, the global
 // index of its first chunk and its two float32 scalars), into pinned memory, copied to the device on the current
 // stream. Blocks stride over the global chunk indices; a block finds its chunk's tensor by binary search over the
-// table (as csrc/cuda/collage.cu does) and its threads step the chunk's elements, consecutive threads on consecutive
+// table (leanops/multi_tensor_cuda.cuh, shared with csrc/cuda/collage.cu) and its threads step the chunk's elements, consecutive threads on consecutive
 // elements (coalesced). In COLUMNS / ROWS modes element e is (i, j) = (e / columns, e % columns) of the matrix; it is
 // state-full when positions[j] (columns) or positions[i] (rows) is >= 0, and its moments are at i * k + p (columns)
 // or p * columns + j (rows).
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "leanops/frugal_step.h"
+#include "leanops/multi_tensor_cuda.cuh"
 
 namespace leanops {
 namespace frugal {
@@ -43,24 +44,12 @@ struct TensorEntry {
   int64_t first_chunk;
   TensorScalars scalars;
 };
-static_assert(sizeof(TensorEntry) % sizeof(int64_t) == 0, "the table is copied as int64 words");
 
 template <typename T, typename G, typename F, bool Compensated>
 __global__ void __launch_bounds__(kThreads)
     frugal_step_kernel(const TensorEntry* __restrict__ table, int num_tensors, int64_t num_chunks, const Scalars s) {
   for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
-    // The last tensor whose first chunk is at or before `chunk` (the same for the whole block).
-    int low = 0;
-    int high = num_tensors - 1;
-    while (low < high) {
-      const int middle = (low + high + 1) >> 1;
-      if (table[middle].first_chunk <= chunk) {
-        low = middle;
-      } else {
-        high = middle - 1;
-      }
-    }
-    const TensorEntry& entry = table[low];
+    const TensorEntry& entry = multi_tensor::entry_of_chunk(table, num_tensors, chunk);
     const Operands<T, G> o{reinterpret_cast<T*>(entry.pointer[0]),
                            reinterpret_cast<T*>(entry.pointer[1]),
                            reinterpret_cast<float*>(entry.pointer[2]),
@@ -101,26 +90,9 @@ template <typename T, typename G, typename F, bool Compensated>
 void launch(const TensorEntry* table, int num_tensors, int64_t num_chunks, const Scalars& scalars, int device_index,
             cudaStream_t stream) {
   const auto kernel = frugal_step_kernel<T, G, F, Compensated>;
-  static const int blocks_per_sm = [&] {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-    return std::max(blocks, 1);
-  }();
-  int multiprocessors = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device_index));
-  const int64_t grid = std::min<int64_t>(num_chunks, static_cast<int64_t>(multiprocessors) * blocks_per_sm);
+  const int64_t grid = multi_tensor::grid_for(kernel, kThreads, num_chunks, device_index);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(table, num_tensors, num_chunks, scalars);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// The parameter type T (its format F), the gradient type (T or float) and the compensation, chosen at run time.
-template <typename T, typename F>
-void launch_for(bool float_grads, bool compensated, const TensorEntry* table, int num_tensors, int64_t num_chunks,
-                const Scalars& scalars, int device_index, cudaStream_t stream) {
-  if (float_grads && compensated) launch<T, float, F, true>(table, num_tensors, num_chunks, scalars, device_index, stream);
-  if (float_grads && !compensated) launch<T, float, F, false>(table, num_tensors, num_chunks, scalars, device_index, stream);
-  if (!float_grads && compensated) launch<T, T, F, true>(table, num_tensors, num_chunks, scalars, device_index, stream);
-  if (!float_grads && !compensated) launch<T, T, F, false>(table, num_tensors, num_chunks, scalars, device_index, stream);
 }
 
 void frugal_split_step_cuda(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs,
@@ -170,26 +142,17 @@ void frugal_split_step_cuda(at::TensorList params, at::TensorList params_lo, at:
   }
   if (entries.empty()) return;
   TORCH_CHECK(entries.size() <= static_cast<size_t>(INT32_MAX), kOp, ": too many tensors");
-  at::Tensor host_table = at::empty({static_cast<int64_t>(entries.size() * sizeof(TensorEntry) / sizeof(int64_t))},
-                                    at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(host_table.mutable_data_ptr(), entries.data(), entries.size() * sizeof(TensorEntry));
-  const at::Tensor table = host_table.to(device, /*non_blocking=*/true);
+  const at::Tensor table = multi_tensor::upload_table(entries, device);
   const auto* table_pointer = reinterpret_cast<const TensorEntry*>(table.const_data_ptr());
   const int num_tensors = static_cast<int>(entries.size());
 
   const Scalars scalars = make_scalars(beta1, beta2, eps, decay, free_lr, state_free);
   const at::ScalarType dtype = params[0].scalar_type();
   const bool float_grads = grads[0].scalar_type() == at::kFloat && dtype != at::kFloat;
-  if (dtype == at::kFloat) {
-    launch<float, float, eft::Float32Format, false>(table_pointer, num_tensors, num_chunks, scalars, device.index(),
-                                                    stream);
-  } else if (dtype == at::kBFloat16) {
-    launch_for<c10::BFloat16, eft::BFloat16Format>(float_grads, compensated, table_pointer, num_tensors, num_chunks,
-                                                   scalars, device.index(), stream);
-  } else {
-    launch_for<c10::Half, eft::Float16Format>(float_grads, compensated, table_pointer, num_tensors, num_chunks,
-                                              scalars, device.index(), stream);
-  }
+  dispatch_step_types(dtype, float_grads, compensated, [&](auto param, auto grad, auto format, auto compensation) {
+    launch<decltype(param), decltype(grad), decltype(format), decltype(compensation)::value>(
+        table_pointer, num_tensors, num_chunks, scalars, device.index(), stream);
+  });
 }
 
 }  // namespace

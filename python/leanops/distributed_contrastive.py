@@ -280,12 +280,15 @@ class _DistributedSigLip(torch.autograd.Function):
     diagonal, ...) -> the loss."""
 
     @staticmethod
-    def forward(ctx, image, text, scale, bias, labels, namespace, mode, group, reduction):
-        ops = getattr(torch.ops, namespace)
-        ring = _Ring(group)
-        dtype = scale.dtype
+    def _setup(image, scale, namespace, group):
+        """(operators, ring, statistics dtype, b, the primitive's groups: the block diagonal as positives)."""
         batch = image.shape[0]
-        diagonal = torch.arange(batch, device=image.device)
+        return (getattr(torch.ops, namespace), _Ring(group), scale.dtype, batch,
+                torch.arange(batch, device=image.device))
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, labels, namespace, mode, group, reduction):
+        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, namespace, group)
         grouped = labels is not None
         row_loss = torch.zeros(batch, dtype=dtype, device=image.device)
 
@@ -309,11 +312,7 @@ class _DistributedSigLip(torch.autograd.Function):
     def backward(ctx, grad_output):
         image, text, scale, bias, labels = ctx.saved_tensors
         namespace, mode, group, reduction = ctx.settings
-        ops = getattr(torch.ops, namespace)
-        ring = _Ring(group)
-        dtype = scale.dtype
-        batch = image.shape[0]
-        diagonal = torch.arange(batch, device=image.device)
+        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, namespace, group)
         grouped = labels is not None
         weight = _anchor_weights(grad_output, reduction, batch, group, dtype)
         grad_image = torch.zeros(image.shape, dtype=dtype, device=image.device)

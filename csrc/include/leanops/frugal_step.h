@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "leanops/collage_step.h"
 #include "leanops/eft.h"
@@ -122,6 +123,27 @@ LEANOPS_HOST_DEVICE void step_element(const Operands<T, G>& o, int64_t e, bool s
   if (state_full) {
     o.m[moment] = m;
     o.v[moment] = v;
+  }
+}
+
+// Calls fn(T{}, G{}, F{}, std::bool_constant<Compensated>{}) for the parameter type T (float, c10::BFloat16,
+// c10::Half) with its format F, the gradient type G (T or float) and the compensation of a (validated) call.
+template <typename Fn>
+void dispatch_step_types(at::ScalarType dtype, bool float_grads, bool compensated, Fn&& fn) {
+  auto with_gradient_and_compensation = [&](auto param, auto format) {
+    using T = decltype(param);
+    if (float_grads) {
+      compensated ? fn(T{}, float{}, format, std::true_type{}) : fn(T{}, float{}, format, std::false_type{});
+    } else {
+      compensated ? fn(T{}, T{}, format, std::true_type{}) : fn(T{}, T{}, format, std::false_type{});
+    }
+  };
+  if (dtype == at::kFloat) {
+    fn(float{}, float{}, eft::Float32Format{}, std::false_type{});
+  } else if (dtype == at::kBFloat16) {
+    with_gradient_and_compensation(c10::BFloat16{}, eft::BFloat16Format{});
+  } else {
+    with_gradient_and_compensation(c10::Half{}, eft::Float16Format{});
   }
 }
 
