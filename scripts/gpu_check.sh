@@ -62,7 +62,7 @@ tail -5 "$out/memcheck.log"
 wants bench && {
 step "benchmarks ${FAMILIES:-(all families)}"
 # shellcheck disable=SC2086  # FAMILIES is a list of words
-leanops bench ${FAMILIES:-} --device cuda --out "$out" 2>&1 | tee "$out/bench.log" | tail -40
+leanops bench ${FAMILIES:-} --device cuda --peers --out "$out" 2>&1 | tee "$out/bench.log" | tail -40
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 0 ] || status=1
 }
