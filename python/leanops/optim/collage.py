@@ -19,6 +19,14 @@ intended update> / |intended update|^2 (1: nothing lost) and the fraction of ele
 move although their update was not zero, computed inside the kernels.
 
 float32 parameters are refused (ValueError): they need no compensation, and ``torch.optim.AdamW`` serves them.
+
+Under torch.distributed: with DistributedDataParallel every rank steps the same all-reduced gradients
+deterministically, so the ranks stay identical. With FSDP2 (``torch.distributed.fsdp.fully_shard``: DTensor parameters
+sharded on dim 0 of a 1-D mesh, possibly unevenly) each rank steps its local shard (``param.to_local()``, the kernels
+unchanged) and keeps its state as DTensors sharded like the parameter; the update is elementwise, so the sharded run
+equals the single-device one bit for bit. ``metrics()`` are summed over the mesh. ``torch.distributed.checkpoint``
+round-trips model and optimizer through ``get_state_dict`` / ``set_state_dict`` (state: ``step``, and the
+DTensors ``param_lo``, ``exp_avg``, ``exp_avg_sq``, ``exp_avg_sq_lo``), and a resumed run continues bit for bit.
 """
 import math
 from collections.abc import Iterable, Mapping
@@ -28,6 +36,8 @@ import torch
 from .. import backends
 from .. import custom_ops  # noqa: F401  - registers the step operators
 from ..reference import mcf as reference_mcf
+from . import _distributed
+from ._distributed import local
 
 Tensor = torch.Tensor
 
@@ -59,6 +69,10 @@ class CollageAdamW(torch.optim.Optimizer):
         mode: "plus" (v as a compensated pair too, the default) or "light"; per group.
         track_metrics: compute EDQ and the lost-update fraction in the kernels at every step (``metrics()``).
         backend: "auto", "reference", "triton", "cuda" or "cpu" (leanops.backends).
+
+    Parameters may be DTensors (FSDP2's ``fully_shard``, Shard(0) on a 1-D mesh, or Replicate): each rank steps its
+    local shard, the state being DTensors laid out like the parameter, which ``torch.distributed.checkpoint`` saves
+    and loads (module docstring).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -80,21 +94,48 @@ class CollageAdamW(torch.optim.Optimizer):
     # -----------------------------------------------------------------------------------------------------------
     # State.
 
+    @staticmethod
+    def _zeros_like(parameter: Tensor) -> Tensor:
+        """Contiguous zeros laid out like `parameter`: a DTensor of the same placements for a DTensor."""
+        zeros = torch.zeros_like(local(parameter), memory_format=torch.contiguous_format)
+        if _distributed.is_dtensor(parameter):
+            return _distributed.DTensor.from_local(zeros, parameter.device_mesh, parameter.placements,
+                                                   run_check=False, shape=parameter.shape, stride=parameter.stride())
+        return zeros
+
     def _state_of(self, parameter: Tensor, plus: bool) -> dict:
         state = self.state[parameter]
         if not state:
             state["step"] = 0
-            state["param_lo"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
-            state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.contiguous_format)
+            state["param_lo"] = self._zeros_like(parameter)
+            state["exp_avg"] = self._zeros_like(parameter)
+            state["exp_avg_sq"] = self._zeros_like(parameter)
         if plus and "exp_avg_sq_lo" not in state:
-            state["exp_avg_sq_lo"] = torch.zeros_like(state["exp_avg_sq"])
+            state["exp_avg_sq_lo"] = self._zeros_like(parameter)
         return state
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state (compensation and moments), excluding the parameters themselves."""
-        return sum(value.numel() * value.element_size() for state in self.state.values()
+        """Bytes of optimizer state (compensation and moments) held by this rank, excluding the parameters."""
+        return sum(local(value).numel() * value.element_size() for state in self.state.values()
                    for value in state.values() if isinstance(value, Tensor))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim.Optimizer's; for a DTensor parameter, a saved whole (plain) tensor of the parameter's
+        shape, e.g. from a single-device checkpoint, is cut to this rank's shard."""
+        super().load_state_dict(state_dict)
+        for parameter, state in self.state.items():
+            if not _distributed.is_dtensor(parameter):
+                continue
+            layout = _distributed.Layout(parameter, "leanops.optim.CollageAdamW.load_state_dict")
+            for key, value in list(state.items()):
+                if isinstance(value, Tensor) and not _distributed.is_dtensor(value):
+                    if value.shape != parameter.shape:
+                        raise ValueError(f"leanops.optim.CollageAdamW.load_state_dict: state '{key}' has shape "
+                                         f"{tuple(value.shape)} but its parameter has {tuple(parameter.shape)}")
+                    piece = layout.narrow(value, 0) if layout.sharded else value
+                    zeros = self._zeros_like(parameter)
+                    local(zeros).copy_(piece)
+                    state[key] = zeros
 
     # -----------------------------------------------------------------------------------------------------------
     # The step.
@@ -123,8 +164,18 @@ class CollageAdamW(torch.optim.Optimizer):
                     metrics = totals.setdefault(device, torch.zeros(4, dtype=torch.float64, device=device))
                 self._apply(group, parameters, device, dtype, step, plus, metrics)
         if self.track_metrics:
-            self._record_metrics(totals)
+            self._record_metrics(totals, self._mesh_group())
         return loss
+
+    def _mesh_group(self):
+        """The process group of the first sharded DTensor parameter's mesh (the shards' metrics are summed over it),
+        or None."""
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if _distributed.is_dtensor(parameter) and parameter.device_mesh.ndim == 1 and any(
+                        placement.is_shard() for placement in parameter.placements):
+                    return parameter.device_mesh.get_group()
+        return None
 
     def _apply(self, group: dict, parameters: list[Tensor], device: torch.device, dtype: torch.dtype, step: int,
                plus: bool, metrics: Tensor | None) -> None:
@@ -135,17 +186,27 @@ class CollageAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         # Bias corrections in float64 on the host (the kernels take them as float32).
         bias_correction1, bias_correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        grads = [parameter.grad.contiguous() for parameter in parameters]
+        # DTensors (FSDP2): the local shards, views of the parameters' and states' storage.
+        grads = [local(parameter.grad).contiguous() for parameter in parameters]
+        parameters = [local(parameter) for parameter in parameters]
         if any(not parameter.is_contiguous() for parameter in parameters):
             raise ValueError("leanops.optim.CollageAdamW: parameters must be contiguous tensors")
+        # An empty shard (FSDP2's last ranks when dim 0 is short) has nothing to update.
+        kept = [index for index, parameter in enumerate(parameters) if parameter.numel()]
+        if not kept:
+            return
+        states = [states[index] for index in kept]
+        parameters, grads = [parameters[index] for index in kept], [grads[index] for index in kept]
         getattr(torch.ops, backends.operator_namespace(chosen)).collage_adamw_step_(
-            parameters, [s["param_lo"] for s in states], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [s["exp_avg_sq_lo"] for s in states] if plus else [], grads,
-            float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+            parameters, [local(s["param_lo"]) for s in states], [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states], [local(s["exp_avg_sq_lo"]) for s in states] if plus else [],
+            grads, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
             bias_correction1, bias_correction2, plus, metrics)
 
-    def _record_metrics(self, totals: dict[torch.device, Tensor]) -> None:
+    def _record_metrics(self, totals: dict[torch.device, Tensor], mesh_group=None) -> None:
         summed = sum((total.cpu() for total in totals.values()), torch.zeros(4, dtype=torch.float64))
+        if mesh_group is not None:  # FSDP2: each rank measured its shards
+            summed = _distributed.all_reduce_sum(summed, mesh_group)
         stored_dot_intended, intended_square, lost, count = summed.tolist()
         self._metrics.append({
             "step": len(self._metrics) + 1,
@@ -162,7 +223,8 @@ class CollageAdamW(torch.optim.Optimizer):
     # fp32 interchange.
 
     def compensation_state(self, named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
-        """{name: theta_lo} for the named parameters that have state (see merge_state_dict)."""
+        """{name: theta_lo} for the named parameters that have state (see merge_state_dict); a DTensor for a DTensor
+        parameter (``full_tensor()`` gathers it)."""
         return {name: self.state[parameter]["param_lo"].clone() for name, parameter in named_parameters
                 if parameter in self.state and "param_lo" in self.state[parameter]}
 
@@ -178,7 +240,13 @@ class CollageAdamW(torch.optim.Optimizer):
                                  f"{tuple(low.shape)} but its parameter has {tuple(parameter.shape)}")
             plus = next(group["mode"] == "plus" for group in self.param_groups
                         if any(p is parameter for p in group["params"]))
-            self._state_of(parameter, plus)["param_lo"].copy_(low.to(parameter.dtype))
+            target = self._state_of(parameter, plus)["param_lo"]
+            if _distributed.is_dtensor(parameter) and not _distributed.is_dtensor(low):
+                # A whole theta_lo (split_state_dict of a full fp32 state dict): this rank's shard of it.
+                layout = _distributed.Layout(parameter, "leanops.optim.CollageAdamW.load_compensation_state")
+                local(target).copy_((layout.narrow(low, 0) if layout.sharded else low).to(parameter.dtype))
+            else:
+                target.copy_(low.to(parameter.dtype))
 
 
 def split_state_dict(fp32_state: Mapping[str, Tensor], dtype: torch.dtype = torch.bfloat16) -> dict:
