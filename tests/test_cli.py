@@ -162,3 +162,10 @@ def test_bench_peers_are_rows_not_runs_without_the_flag(tmp_path):
     with common.peers_enabled(False):
         assert "--peers" in bench_optim.unavailable_reason(
             bench_optim.Method("optimi-kahan", torch.bfloat16, "optimi-kahan", "compensated"), torch.device("cpu"))
+
+
+def test_demo_command_runs_through_the_cli(tmp_path, capsys):
+    assert cli.main(["demo", "clip", "--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert (tmp_path / "demo-clip-cpu.md").exists() and (tmp_path / "demo-clip-cpu.json").exists()
+    document = json.loads((tmp_path / "demo-clip-cpu.json").read_text())
+    assert document["environment"]["device_type"] == "cpu"

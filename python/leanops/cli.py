@@ -169,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     # Hidden: the element count, overriding the family's default (tests use tiny sizes).
     bench_parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     bench_parser.set_defaults(subparser=bench_parser)
+
+    from . import demo
+
+    demo_parser = commands.add_parser(
+        "demo", help="train a small model with plain PyTorch and with leanops, and compare them",
+        description="`leanops demo` (lm): a byte-level LLaMA-style language model on Python's standard library, "
+                    "plain PyTorch against leanops' linear cross-entropy, CollageAdamW and FRUGAL. `leanops demo "
+                    "clip`: a two-tower model trained with the CLIP and SigLIP losses at a batch size whose logits "
+                    "plain PyTorch could not hold.")
+    demo.add_arguments(demo_parser)
     return parser
 
 
@@ -178,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.command == "info":
         return _info(arguments)
+    if arguments.command == "demo":
+        from . import demo
+
+        return demo.run(arguments)
     return _bench(arguments, arguments.subparser)
 
 
