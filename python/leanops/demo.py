@@ -564,22 +564,27 @@ def run_lm(arguments: argparse.Namespace, device, out_dir: str) -> int:
     return write_lm_outputs(document, out_dir, plot=not arguments.no_plot)
 
 
-def write_lm_outputs(document: dict, out_dir: str, *, plot: bool = True) -> int:
-    """Write <out>/demo-lm-<device>.{json,md,png}, print the table; returns 0."""
+def write_outputs(document: dict, out_dir: str, which: str, write_plot, markdown, *, plot: bool = True) -> None:
+    """Write <out>/demo-<which>-<device>.{png,json,md} (the PNG by `write_plot(document, path)`, which returns why
+    there is none or None; the markdown from `markdown(document)` after the plot is known) and log the paths."""
     device_type = document["environment"]["device_type"]
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"demo-lm-{device_type}")
-    plot_reason = write_lm_plot(document, stem + ".png") if plot else "--no-plot"
+    stem = os.path.join(out_dir, f"demo-{which}-{device_type}")
+    plot_reason = write_plot(document, stem + ".png") if plot else "--no-plot"
     document["plot"] = None if plot_reason else os.path.basename(stem + ".png")
     if plot_reason:
-        document["notes"].append(f"no loss-curve PNG: {plot_reason}")
+        document["notes"].append(f"no PNG: {plot_reason}")
     write_json(stem + ".json", document)
-    text = format_lm_markdown(document)
     with open(stem + ".md", "w", encoding="utf-8") as file:
-        file.write(text)
+        file.write(markdown(document))
     for path in (stem + ".json", stem + ".md"):
-        log(f"{PROGRAM} lm: wrote {path}")
-    log(f"{PROGRAM} lm: {plot_note(plot_reason, stem + '.png')}")
+        log(f"{PROGRAM} {which}: wrote {path}")
+    log(f"{PROGRAM} {which}: {plot_note(plot_reason, stem + '.png')}")
+
+
+def write_lm_outputs(document: dict, out_dir: str, *, plot: bool = True) -> int:
+    """Write <out>/demo-lm-<device>.{json,md,png}, print the table; returns 0."""
+    write_outputs(document, out_dir, "lm", write_lm_plot, format_lm_markdown, plot=plot)
     print(lm_table(document))
     for line in lm_findings(document):
         print(f"- {line}")

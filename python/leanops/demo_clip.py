@@ -354,19 +354,8 @@ def run_clip(arguments: argparse.Namespace, device, out_dir: str) -> int:
 
 
 def write_clip_outputs(document: dict, out_dir: str, *, plot: bool = True) -> int:
-    device_type = document["environment"]["device_type"]
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"demo-clip-{device_type}")
-    plot_reason = write_clip_plot(document, stem + ".png") if plot else "--no-plot"
-    document["plot"] = None if plot_reason else os.path.basename(stem + ".png")
-    if plot_reason:
-        document["notes"].append(f"no PNG: {plot_reason}")
-    demo.write_json(stem + ".json", document)
-    with open(stem + ".md", "w", encoding="utf-8") as file:
-        file.write(format_clip_markdown(document))
-    for path in (stem + ".json", stem + ".md"):
-        demo.log(f"{demo.PROGRAM} clip: wrote {path}")
-    demo.log(f"{demo.PROGRAM} clip: {demo.plot_note(plot_reason, stem + '.png')}")
+    """Write <out>/demo-clip-<device>.{json,md,png}, print the tables; returns 0."""
+    demo.write_outputs(document, out_dir, "clip", write_clip_plot, format_clip_markdown, plot=plot)
     print(clip_table(document))
     print()
     print(scaling_table(document))
