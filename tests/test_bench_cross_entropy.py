@@ -152,7 +152,9 @@ def test_default_sizes_follow_the_brief():
     assert [v for n, d, v in cases if (n, d) == (8192, 2048)] == [32768, 65536, 128256, 256000]
     assert len(set(cases)) == len(cases)
     assert bench_cross_entropy.default_cases(cuda, quick=True) == [(4096, 2048, 32768), (8192, 2048, 128256)]
-    assert bench_cross_entropy.default_cases(CPU, quick=False) == [(1024, 64, v) for v in (8192, 32768, 50257)]
+    assert bench_cross_entropy.default_cases(CPU, quick=False) == [(512, 64, v) for v in (8192, 32768, 50257)]
+    assert bench_cross_entropy.default_cases(CPU, quick=False, full=True) == [
+        (512, 64, v) for v in (8192, 32768, 50257, 128256)]
     assert bench_cross_entropy.default_cases(CPU, quick=True) == [(256, 64, 4096), (256, 64, 16384)]
     assert bench_cross_entropy.default_dtype(cuda) == torch.bfloat16
     assert bench_cross_entropy.default_dtype(CPU) == torch.float32
