@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -110,8 +110,8 @@ setup(
                 "cross-entropy, Collage multi-component-float arithmetic and optimizers",
     python_requires=">=3.10",
     package_dir={"": "python", "leanops.triton_kernels": "triton_kernels", "leanops.benchmarks": "benchmarks"},
-    packages=["leanops", "leanops.reference", "leanops.custom_ops", "leanops.integrations", "leanops.optim",
-              "leanops.triton_kernels", "leanops.benchmarks"],
+    packages=(find_packages("python") + ["leanops.triton_kernels", "leanops.benchmarks"]
+              + [f"leanops.benchmarks.{name}" for name in find_packages("benchmarks")]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy"],

@@ -5,7 +5,7 @@ Each method computes the loss of (B, D) normalised random features x (image) and
 a learnable 0-dim logit scale s (and bias b for SigLIP), then ``torch.autograd.grad`` of the loss with respect to
 x, y, s (and b). The methods:
 
-- ``pytorch``: plain PyTorch, open_clip's formulation (``leanops.reference.contrastive.clip_loss`` /
+- ``pytorch``: plain PyTorch, open_clip's formulation (``leanops.baselines.clip_loss`` /
   ``siglip_loss``), run in the features' dtype; it builds the B x B logits, so it runs out of memory first;
 - ``blockwise``: ``leanops.contrastive.clip_loss_blockwise`` / ``siglip_loss_blockwise``, the blockwise primitives
   in plain PyTorch (row blocks, O(block x B) memory);
@@ -29,8 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from leanops import backends, contrastive
-from leanops.reference import contrastive as reference_contrastive
+from leanops import baselines, contrastive, ops
 
 from . import common, measurement
 
@@ -73,11 +72,11 @@ class LossSpec:
 
 
 def _clip_plain(x, y, parameters):
-    return reference_contrastive.clip_loss(x, y, parameters[0])
+    return baselines.clip_loss(x, y, parameters[0])
 
 
 def _siglip_plain(x, y, parameters):
-    return reference_contrastive.siglip_loss(x, y, parameters[0], parameters[1])
+    return baselines.siglip_loss(x, y, parameters[0], parameters[1])
 
 
 def _inf_cl_head_dim(dim: int) -> int:
@@ -183,9 +182,7 @@ def unavailable_reason(spec: LossSpec, method: str, device: torch.device) -> str
         return None
     if method == "inf-cl":
         return _inf_cl_unavailable_reason(spec, device)
-    if method not in contrastive.IMPLEMENTED:
-        return f"no {method} kernels for the contrastive losses yet (leanops.contrastive.IMPLEMENTED)"
-    return backends.unavailable_reason(method, device)
+    return ops.CONTRASTIVE.unavailable_reason(method, device)
 
 
 def candidate_methods(spec: LossSpec, device: torch.device) -> list[str]:

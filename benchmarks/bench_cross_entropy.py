@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import leanops
-from leanops import backends, cross_entropy
+from leanops import cross_entropy, ops
 
 from . import common, measurement
 
@@ -252,9 +252,7 @@ def unavailable_reason(method: str, device: torch.device) -> str | None:
         return None
     if method in PEERS:
         return _peer_unavailable_reason(method, device)
-    if method not in cross_entropy.IMPLEMENTED:
-        return f"no {method} kernels for the linear cross-entropy yet (leanops.cross_entropy.IMPLEMENTED)"
-    return backends.unavailable_reason(method, device)
+    return ops.CROSS_ENTROPY.unavailable_reason(method, device)
 
 
 def candidate_methods(device: torch.device) -> list[str]:

@@ -9,7 +9,7 @@ events on a GPU). The state changes at every step, which does not matter to a me
   float32 parameters, the optimizer of mixed-precision training (fp32 master weights and moments);
 - ``torch-bf16``: ``torch.optim.AdamW(foreach=True)`` on bfloat16 parameters and moments, the lossy baseline;
 - ``collage-<mode>-<backend>``: ``leanops.optim.CollageAdamW(mode=light|plus, backend=...)`` on bfloat16
-  parameters, for the reference and every leanops backend with kernels here (``collage.IMPLEMENTED``; never
+  parameters, for the reference and every leanops backend with kernels here (``leanops.ops.COLLAGE``; never
   Triton's interpreter on the CPU);
 - ``frugal-<projection>-<backend>``: ``leanops.optim.FRUGAL(density=0.25, projection=blockwise|columns,
   state_free="signsgd", backend=...)`` on float32 parameters, every tensor split (AdamW on a quarter of the tensors
@@ -39,9 +39,8 @@ import math
 
 import torch
 
-from leanops import backends
+from leanops import backends, ops
 from leanops.optim import FRUGAL, CollageAdamW, collage
-from leanops.optim import frugal as frugal_optimizer
 
 from . import bench_mcf, common, measurement
 
@@ -238,13 +237,8 @@ def unavailable_reason(method: Method, device: torch.device) -> str | None:
         return _peer_unavailable_reason(method, device)
     if not method.backend or method.backend == "reference":
         return None
-    if method.projection and method.backend not in frugal_optimizer.IMPLEMENTED_BACKENDS:
-        return (f"no {method.backend} kernels for FRUGAL in this build "
-                "(leanops.optim.frugal.IMPLEMENTED_BACKENDS)")
-    if method.mode and method.backend not in collage.IMPLEMENTED:
-        return (f"no {method.backend} kernels for CollageAdamW in this build "
-                "(leanops.optim.collage.IMPLEMENTED)")
-    return backends.unavailable_reason(method.backend, device)
+    family = ops.FRUGAL if method.projection else ops.COLLAGE
+    return family.unavailable_reason(method.backend, device)
 
 
 def _selected(methods: list[Method], backend_names: list[str] | None) -> list[Method]:

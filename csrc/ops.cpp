@@ -1,6 +1,6 @@
-// Every leanops operator schema, in one place. Kernels live in csrc/cpu/<family>.cpp (CPU) and
-// csrc/cuda/<family>.cu (CUDA); fake (meta) kernels for torch.compile are registered from Python
-// (python/leanops/custom_ops/).
+// Every operator schema of the C++ kernels. Each family is declared in python/leanops/ops/<family>.py (schemas,
+// fake kernels, autograd, providers); these schemas must equal the declared ones, which tests/test_registry.py
+// checks. Kernels live in csrc/cpu/<family>.cpp (CPU) and csrc/cuda/<family>.cu (CUDA).
 #include <torch/library.h>
 
 TORCH_LIBRARY(leanops, m) {

@@ -50,9 +50,10 @@ step "CUDA kernels under compute-sanitizer memcheck"
 # The loss kernels' primitive tests too (never run on a GPU before the first check); capped in time, since
 # memcheck slows kernels down by 10-100x.
 timeout 900 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-  python3 -m pytest -q -x -m gpu -k "cuda-cuda or cuda_primitives or collage_cuda" tests/test_mcf_exactness.py \
-  tests/test_mcf_grow_scale.py tests/test_contrastive_cuda_primitives.py tests/test_cross_entropy_cuda_primitives.py \
-  tests/test_collage_cuda.py tests/test_frugal_kernels.py \
+  python3 -m pytest -q -x -m gpu -k "cuda-cuda or cuda_primitives or collage_cuda" tests/mcf/test_mcf_exactness.py \
+  tests/mcf/test_mcf_grow_scale.py tests/contrastive/test_contrastive_primitives.py \
+  tests/cross_entropy/test_cross_entropy_primitives.py \
+  tests/collage/test_collage_primitives.py tests/frugal/test_frugal_primitives.py tests/frugal/test_frugal_optimizer.py \
   >"$out/memcheck.log" 2>&1
 memcheck_status=$?
 tail -5 "$out/memcheck.log"

@@ -1,7 +1,12 @@
 """Test configuration: which backends this machine can run, and Triton's interpreter where there is no GPU.
 
 Markers: ``gpu`` (needs CUDA; skipped without it), ``triton`` (Triton kernels; under the interpreter on a CPU-only
-machine), ``distributed`` (several processes).
+machine), ``distributed`` (several processes), ``slow`` (long cases: ``pytest -m "not slow"`` leaves them out).
+
+Layout: one folder per op family (tests/<family>, no __init__.py, every test file's name unique in the tree); this
+folder is on sys.path for all of them (pytest's default import mode puts a conftest's folder there), so
+``from helpers import ...`` and ``import oracles`` work from every subfolder. The compile and memory report scripts
+the tests run in a subprocess live in scripts/reports/ (helpers.run_report_script, helpers.REPORTS).
 """
 import os
 

@@ -1,5 +1,5 @@
-"""Shared test helpers: the (backend, device) cases this machine can run, input generators, and a free port for the
-torch.distributed tests."""
+"""Shared test helpers: the (backend, device) cases of a family's providers (from its declaration in leanops.ops),
+input generators, exactness assertions, and a free port for the torch.distributed tests."""
 import contextlib
 import json
 import os
@@ -36,6 +36,113 @@ BACKEND_CASES = [
 KERNEL_BACKEND_CASES = [case for case in BACKEND_CASES if case.values[0] != "reference"]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+# The device each compiled provider serves (the others serve both).
+NATIVE_DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+
+
+def provider_cases(family, devices=("cpu", "cuda"), backends_=None) -> list:
+    """pytest params (backend, device) for every provider of `family` (a leanops.ops declaration) on `devices`,
+    marked gpu / triton; a case this machine or build cannot run is skipped with the family's reason. The pairs no
+    provider can ever serve (the C++ CPU kernels on CUDA tensors, the CUDA kernels on CPU tensors) are left out."""
+    cases = []
+    for provider in family.providers:
+        if backends_ is not None and provider.backend not in backends_:
+            continue
+        for device in devices:
+            if provider.backend in NATIVE_DEVICE and NATIVE_DEVICE[provider.backend] != device:
+                continue
+            marks = []
+            if device == "cuda":
+                marks.append(pytest.mark.gpu)
+            if provider.backend == "triton":
+                marks.append(pytest.mark.triton)
+            reason = family.unavailable_reason(provider.backend, torch.device(device))
+            if device == "cuda" and not torch.cuda.is_available():
+                reason = "needs a CUDA device"
+            if (provider.backend == "triton" and device == "cuda"
+                    and leanops.backends.triton_interpreter_enabled()):
+                reason = "Triton's interpreter is on: the Triton kernels run on CPU tensors"
+            marks.append(pytest.mark.skipif(reason is not None, reason=f"{family.name} {provider.backend} on "
+                                            f"{device}: {reason}"))
+            cases.append(pytest.param(provider.backend, device, marks=marks, id=f"{provider.backend}-{device}"))
+    return cases
+
+
+# Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) computes tl.dot on bfloat16 wrongly.
+INTERPRETER_BFLOAT16 = "Triton's interpreter computes tl.dot on bfloat16 wrongly; bfloat16 runs on the GPU"
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Whether this case runs the Triton kernels under the interpreter (slow: small sizes there)."""
+    return backend == "triton" and device == "cpu"
+
+
+def provider_dtype_cases(family, dtypes, sizes: dict, backends_=None, devices=("cpu", "cuda")) -> list:
+    """pytest params (backend, device, dtype, size): provider_cases(family, devices, backends_) crossed with the
+    dtypes each provider serves and `sizes[backend]` (a list of tuples; a provider missing from `sizes` gets none).
+    bfloat16 under Triton's interpreter is skipped (INTERPRETER_BFLOAT16)."""
+    cases = []
+    for case in provider_cases(family, devices, backends_):
+        backend, device = case.values
+        served = family.provider(backend).dtypes
+        for dtype in dtypes:
+            if dtype not in served:
+                continue
+            marks = list(case.marks)
+            if interpreted(backend, device) and dtype == torch.bfloat16:
+                marks.append(pytest.mark.skip(reason=INTERPRETER_BFLOAT16))
+            for size in sizes.get(backend, ()):
+                name = str(dtype).removeprefix("torch.")
+                cases.append(pytest.param(backend, device, dtype, size, marks=marks,
+                                          id=f"{case.id}-{name}-{'x'.join(map(str, size))}"))
+    return cases
+
+
+def marked(cases: list, *marks) -> list:
+    """The same pytest params with `marks` added (e.g. pytest.mark.slow)."""
+    return [pytest.param(*case.values, marks=list(case.marks) + list(marks), id=case.id) for case in cases]
+
+
+def slow_when_interpreted(cases: list) -> list:
+    """The same pytest params, those that run Triton's interpreter marked slow."""
+    return [pytest.param(*case.values, marks=list(case.marks) + ([pytest.mark.slow] if interpreted(*case.values[:2])
+                                                                 else []), id=case.id) for case in cases]
+
+
+def assert_flash_attention_rule(what: str, actual: torch.Tensor, expected: torch.Tensor, plain: torch.Tensor, *,
+                                floor: float = 1e-5, magnitude: float | None = None, dtype: torch.dtype | None = None,
+                                device: torch.device | str | None = None) -> None:
+    """A provider's output against float64, with the flash-attention rule.
+
+    `expected` is a formula evaluated in float64 on the provider's inputs (upcast: 16-bit values are exact),
+    `plain` the same formula in plain float32 PyTorch on the CPU. The largest error, relative to the largest
+    |expected| (or to `magnitude`, the size of the terms of a sum that cancels), must be at most max(`floor`,
+    2 x plain float32's error): the floor is float32 accuracy, and the factor 2 of plain float32 only binds for
+    ill-conditioned inputs (logits ~1e4, where one float32 rounding of a logit moves a softmax weight by 1e-4).
+    NaN and infinities never pass; `dtype` and `device`, when given, are checked too."""
+    if dtype is not None:
+        assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    if device is not None:
+        assert actual.device.type == torch.device(device).type, f"{what}: on {actual.device}, expected {device}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual = actual.detach().double().cpu()
+    assert bool(torch.isfinite(actual).all()), f"{what}: non-finite values in the result"
+    if expected.numel() == 0:
+        return
+    expected = expected.double().cpu()
+    size = max(magnitude if magnitude is not None else expected.abs().max().item(), 1e-30)
+    error = (actual - expected).abs().max().item() / size
+    plain_error = (plain.detach().double().cpu() - expected).abs().max().item() / size
+    tolerance = max(floor, 2.0 * plain_error)
+    assert error <= tolerance, (f"{what}: relative error {error:.3g} > {tolerance:.3g} (plain float32 PyTorch: "
+                                f"{plain_error:.3g}, relative to {size:.4g})")
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next number of `dtype`: the relative error of one rounding to it."""
+    return torch.finfo(dtype).eps / 2
 
 
 def require_backend(backend: str, device: str) -> None:
@@ -113,6 +220,27 @@ def ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent - mantissa_bits)
 
 
+# Known defects of the production code, reported; a test that meets one expects it to fail (strict xfail), so that
+# the fix shows (as an XPASS failure) and the expectation is removed with it.
+def assert_compiled_matches_eager(make_model, device: str, *inputs) -> None:
+    """Two models from make_model() with the same parameters: forward + backward eagerly and under
+    torch.compile(fullgraph=True) (aot_eager on the CPU, inductor on the GPU) give the same loss and gradients (a
+    graph break would raise)."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    eager_model = make_model().to(device)
+    compiled_model = make_model().to(device)
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager_loss = eager_model(*inputs)
+    eager_loss.backward()
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    compiled_loss = compiled(*inputs)
+    compiled_loss.backward()
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for (name, eager), compiled_parameter in zip(eager_model.named_parameters(), compiled_model.parameters()):
+        assert torch.allclose(compiled_parameter.grad, eager.grad, rtol=1e-4, atol=1e-6), name
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a torch.distributed rendezvous on 127.0.0.1."""
     with socket.socket() as probe:
@@ -120,13 +248,85 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_report_script(name: str) -> dict:
-    """Run tests/<name> (a compile report script) in a process without TRITON_INTERPRET and return its JSON."""
+# The compile report scripts (run in a subprocess by the tests): scripts/reports/ at the repository's root.
+REPORTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "reports")
+
+
+def run_report_script(name: str, *arguments: str) -> dict:
+    """Run scripts/reports/<name> (a compile report script) with `arguments` in a process without TRITON_INTERPRET
+    and return its JSON."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, env=environment, timeout=600)
+    script = os.path.join(REPORTS, name)
+    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=environment,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
+
+
+def misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data pointer is off the 16-byte grid (kernels take their scalar loads)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+def strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view holding the values of t (every other element of a wider tensor)."""
+    wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous()
+    return view
+
+
+def assert_layouts_give_the_same_bits(run, arguments: list, features=(0, 1)) -> None:
+    """run(*arguments) (a tuple of tensors) with the arguments at `features` misaligned (scalar instead of 16-byte
+    loads), and with every tensor argument of at least one element strided (copied by the kernels): the same bits."""
+    expected = run(*arguments)
+    misaligned = [misaligned_copy(a) if index in features else a for index, a in enumerate(arguments)]
+    strided = [strided_copy(a) if isinstance(a, torch.Tensor) and a.dim() >= 1 and a.numel() > 0 else a
+               for a in arguments]
+    for name, variant in (("misaligned", misaligned), ("strided", strided)):
+        for index, (a, b) in enumerate(zip(run(*variant), expected)):
+            assert torch.equal(a, b), f"{name} inputs: output {index} differs"
+
+
+def assert_same_bits_on_every_call_and_stream(run) -> None:
+    """run() (a CUDA computation returning tensors) twice on the current stream and once on a side stream: the
+    outputs agree bitwise (no atomics, nothing that depends on the stream)."""
+    first, second = run(), run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        third = run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for index, (a, b, c) in enumerate(zip(first, second, third)):
+        assert torch.equal(a, b) and torch.equal(a, c), f"output {index} differs between calls"
+
+
+# Hopper's shared memory per block (227 KiB) and its register file per thread.
+HOPPER_SHARED_BYTES = 227 * 1024
+HOPPER_REGISTERS = 255
+
+
+def assert_hopper_tiles_compile(report: dict, kernels: dict) -> None:
+    """`report` (scripts/reports/hopper_loss_report.py: "kernel/dtype/candidate" -> what ptxas says) holds every
+    kernel of `kernels` (name -> the dtypes it is compiled for) and nothing else, and every tile candidate compiles
+    without register spills, within Hopper's registers and shared memory; 16-bit features run on the tensor cores
+    (wgmma), float32 ones never (no TF32)."""
+    compiled = {tuple(case.split("/")[:2]) for case in report}
+    assert compiled == {(name, dtype) for name, dtypes in kernels.items() for dtype in dtypes}, sorted(compiled)
+    for case, counts in report.items():
+        assert counts["spill_stores"] == 0 and counts["spill_loads"] == 0, f"{case} spills registers: {counts}"
+        assert counts["registers"] <= HOPPER_REGISTERS, case
+        assert counts["shared_bytes"] <= HOPPER_SHARED_BYTES, f"{case} needs too much shared memory: {counts}"
+        if "/bfloat16/" in case or "/float16/" in case:
+            assert counts["wgmma"] > 0, f"{case}: 16-bit features should run on wgmma: {counts}"
+        else:
+            assert counts["wgmma"] == 0, f"{case}: float32 features must not use TF32 tensor cores: {counts}"
 
 
 @contextlib.contextmanager
@@ -143,3 +343,17 @@ def gloo_process_group(rank: int, world_size: int, port: int):
 
 
 __all__ = ["leanops"]
+
+
+def provider_grid(cases: list, points: list, slow=None) -> list:
+    """pytest params (backend, device, *point): each of `cases` (provider_cases' params, their marks kept) crossed
+    with each of `points` (pytest.param of the test's other arguments, with an id); the combinations for which
+    slow(backend, device, *point) is true are marked slow too (e.g. all but a few of the interpreter's)."""
+    grid = []
+    for case in cases:
+        for point in points:
+            marks = list(case.marks)
+            if slow is not None and slow(*case.values, *point.values):
+                marks.append(pytest.mark.slow)
+            grid.append(pytest.param(*case.values, *point.values, marks=marks, id=f"{case.id}-{point.id}"))
+    return grid

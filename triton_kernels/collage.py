@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mcf import _STORAGE_CODE, _add, _fast_two_sum, _load, _mul, _round, _store, _two_prod, _two_sum
+from .eft import _STORAGE_CODE, _add, _fast_two_sum, _load, _mul, _round, _store, _two_prod, _two_sum
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -214,6 +214,14 @@ def _step_on_cpu(lists: dict, metrics, scalars: tuple, plus: bool) -> None:
         metrics += cpu_metrics.to(metrics.device)
 
 
+def _beta_pair(beta: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(F(beta), F(beta - F(beta))): beta as an MCF pair of the storage format, the difference exact in float64
+    (as python/leanops/reference/collage.py's beta_pair and csrc/include/leanops/collage_host.h compute it)."""
+    high = torch.tensor(beta, dtype=torch.float64).to(dtype)
+    low = (torch.tensor(beta, dtype=torch.float64) - high.to(torch.float64)).to(dtype)
+    return float(high), float(low)
+
+
 def collage_adamw_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                         exp_avg_sqs: list[torch.Tensor], exp_avg_sqs_lo: list[torch.Tensor],
                         grads: list[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
@@ -237,8 +245,6 @@ def collage_adamw_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor
     if not interpreted and device.type != "cuda":
         raise RuntimeError("collage_adamw_step_: the Triton kernel runs on CUDA tensors (or on the CPU under "
                            "TRITON_INTERPRET=1)")
-    from leanops.reference.collage import beta_pair
-
     block_size = BLOCK_SIZE_INTERPRETER if interpreted else BLOCK_SIZE_GPU
     rows, chunks, numel_total, aligned = [], 0, 0, True
     for index, param in enumerate(params):
@@ -259,7 +265,7 @@ def collage_adamw_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor
         table = table.pin_memory().to(device, non_blocking=True)
     partials = torch.empty((chunks, _PARTIALS) if metrics is not None else (1, _PARTIALS), dtype=torch.float64,
                            device=device)
-    beta2_hi, beta2_lo = beta_pair(beta2, dtype)
+    beta2_hi, beta2_lo = _beta_pair(beta2, dtype)
     (lr32, beta1_32, one_minus_beta1, beta2_32, one_minus_beta2, eps32, weight_decay32, bias_correction1_32,
      bias_correction2_32) = _float32_scalars(lr, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
                                              bias_correction1, bias_correction2)

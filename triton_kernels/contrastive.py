@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import tile_tuning
+from .tiles import INTERPRETER_TILES, forward_candidates
 from .tiles import Tiles as _Tiles
 from .tiles import aligned_features as _aligned_features
 from .tiles import device_context as _device_context
@@ -46,9 +47,8 @@ from .tiles import unpadded as _unpadded
 # ---------------------------------------------------------------------------------------------------------------
 # Tile sizes, a function of the device and the feature dtype.
 
-# The interpreter runs each program serially with numpy: small tiles keep the tests quick and still cover the
-# multi-block paths (B = 37 is three row blocks, D = 70 three gradient column chunks of 32).
-_INTERPRETER = _Tiles(block_m=16, block_n=16, block_d=16, block_dout=32, num_warps=1, num_stages=1)
+# Off the GPU: tiles.INTERPRETER_TILES (16 x 16 x 16, 32 gradient columns: B = 37 is three row blocks, D = 70 three
+# gradient column chunks).
 
 # Hopper (H100) candidates, each checked by the tests to compile for sm_90 without register spills when D % 16 == 0
 # (Triton then pipelines the K loop through shared memory, with wgmma for 16-bit features). The first of each list
@@ -76,9 +76,7 @@ _GPU_FORWARD_FLOAT32 = (_Tiles(block_m=64, block_n=64, block_d=16, block_dout=0,
 
 def forward_tile_candidates(device: torch.device, dtype: torch.dtype) -> tuple[_Tiles, ...]:
     """Forward tiles to choose from, the default first."""
-    if device.type != "cuda":
-        return (_INTERPRETER,)
-    return _GPU_FORWARD_FLOAT32 if dtype == torch.float32 else _GPU_FORWARD
+    return forward_candidates(device, dtype, _GPU_FORWARD, _GPU_FORWARD_FLOAT32)
 
 
 def backward_tile_candidates(device: torch.device, dtype: torch.dtype, features: int,
@@ -87,7 +85,7 @@ def backward_tile_candidates(device: torch.device, dtype: torch.dtype, features:
     when D > BLOCK_DOUT the columns are split into cdiv(D, BLOCK_DOUT) chunks, each recomputing S (2 B^2 D flops
     per extra chunk and launch)."""
     if device.type != "cuda":
-        return (_INTERPRETER,)
+        return (INTERPRETER_TILES,)
     width = max(triton.next_power_of_2(features), 16)
     if dtype == torch.float32:
         if atomics:
@@ -314,11 +312,15 @@ def clip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     row_weight, col_weight = row_weight.contiguous(), col_weight.contiguous()
     batch, features = x.shape
     atomics = _use_atomics(deterministic)
+    if batch == 0:
+        return (torch.zeros(image.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(text.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(0, dtype=torch.float32, device=x.device))
     # A tensor, not .item(): no host synchronisation, and the op stays traceable.
     bound = (row_weight * scale).abs().amax() + (col_weight * scale).abs().amax()
 
     def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grid = (triton.cdiv(batch, tiles.block_m), triton.cdiv(features, tiles.block_dout))
+        grid = (triton.cdiv(batch, tiles.block_m), max(triton.cdiv(features, tiles.block_dout), 1))
         grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
         # Atomics add into grad_text; two launches store it.
         grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32,
@@ -349,6 +351,15 @@ def clip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
 # SigLIP.
 
 @triton.jit
+def _signed_exponent(similarity, groups_rows, groups_columns, scale, bias):
+    """(positive, t) on a SigLIP tile: label +1 where the group ids match (else -1), t = -label * (scale S + bias),
+    so that each pair's loss is softplus(t)."""
+    positive = groups_rows[:, None] == groups_columns[None, :]
+    logits = scale * similarity + bias
+    return positive, tl.where(positive, -logits, logits)
+
+
+@triton.jit
 def _siglip_forward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, groups_ptr, row_loss_ptr, B, D,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            INPUT_PRECISION: tl.constexpr):
@@ -366,9 +377,7 @@ def _siglip_forward_kernel(x_ptr, y_ptr, scale_ptr, bias_ptr, groups_ptr, row_lo
         similarity = _similarity_tile(x_ptr, y_ptr, rows, mask_rows, columns, mask_columns, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         groups_columns = tl.load(groups_ptr + columns, mask=mask_columns, other=0)
-        positive = groups_rows[:, None] == groups_columns[None, :]
-        logits = scale * similarity + bias
-        t = tl.where(positive, -logits, logits)  # -label * z
+        _, t = _signed_exponent(similarity, groups_rows, groups_columns, scale, bias)
         # softplus(t) = max(t, 0) + log1p(exp(-|t|)): no overflow for |t| ~ 1e5, no cancellation for t << 0.
         softplus = tl.maximum(t, 0.0) + _log1p(tl.exp(-tl.abs(t)))
         row_loss += tl.sum(tl.where(mask_columns[None, :], softplus, 0.0), axis=1)
@@ -439,9 +448,7 @@ def _siglip_backward_kernel(anchor_ptr, other_ptr, scale_ptr, bias_ptr, groups_p
         similarity = _similarity_tile(anchor_ptr, other_ptr, rows_a, mask_a, rows_b, mask_b, D,
                                       BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         groups_b = tl.load(groups_ptr + rows_b, mask=mask_b, other=0)
-        positive = groups_a[:, None] == groups_b[None, :]
-        logits = scale * similarity + bias
-        t = tl.where(positive, -logits, logits)  # -label * z
+        positive, t = _signed_exponent(similarity, groups_a, groups_b, scale, bias)
         # sigmoid(t) without overflow: exp of a non-positive number only.
         e = tl.exp(-tl.abs(t))
         sigmoid = tl.where(t >= 0, 1.0, e) / (1.0 + e)
@@ -486,11 +493,15 @@ def siglip_backward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     row_weight = row_weight.contiguous()
     batch, features = x.shape
     atomics = _use_atomics(deterministic)
+    if batch == 0:
+        zero = torch.zeros((), dtype=torch.float32, device=x.device)
+        return (torch.zeros(image.shape, dtype=torch.float32, device=x.device),
+                torch.zeros(text.shape, dtype=torch.float32, device=x.device), zero, zero.clone())
     bound = row_weight.abs().amax()
 
     def run(tiles: _Tiles) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         anchor_blocks = triton.cdiv(batch, tiles.block_m)
-        grid = (anchor_blocks, triton.cdiv(features, tiles.block_dout))
+        grid = (anchor_blocks, max(triton.cdiv(features, tiles.block_dout), 1))
         grad_image = torch.empty((batch, features), dtype=torch.float32, device=x.device)
         grad_text = (torch.zeros if atomics else torch.empty)((batch, features), dtype=torch.float32,
                                                               device=x.device)

@@ -33,14 +33,12 @@ import triton
 import triton.language as tl
 
 from . import tile_tuning
-from .tiles import Tiles, aligned_features, device_context, input_precision, load_rows, product_tile, unpadded
+from .tiles import (INTERPRETER_TILES, Tiles, aligned_features, device_context, forward_candidates, input_precision,
+                    load_rows, product_tile, unpadded)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiles: BLOCK_M rows of the stationary side (tokens in the forward and grad_hidden kernels, vocabulary entries in
-# the grad_weight kernel), BLOCK_N rows of the streamed side per step.
-
-# The interpreter runs programs serially in numpy: small tiles keep the tests quick and still cover several blocks.
-_INTERPRETER = Tiles(block_m=16, block_n=16, block_d=16, block_dout=32, num_warps=1, num_stages=1)
+# the grad_weight kernel), BLOCK_N rows of the streamed side per step. Off the GPU: tiles.INTERPRETER_TILES.
 
 # Hopper candidates, the default first; every one is compiled for sm_90 by the tests and must not spill registers
 # (D % 16 == 0, which the launchers ensure by padding). Not yet timed on a GPU.
@@ -53,14 +51,13 @@ _GPU_FORWARD_FLOAT32 = (Tiles(block_m=64, block_n=64, block_d=16, block_dout=0, 
 
 
 def forward_tile_candidates(device: torch.device, dtype: torch.dtype) -> tuple[Tiles, ...]:
-    if device.type != "cuda":
-        return (_INTERPRETER,)
-    return _GPU_FORWARD_FLOAT32 if dtype == torch.float32 else _GPU_FORWARD
+    """Forward tiles to choose from, the default first."""
+    return forward_candidates(device, dtype, _GPU_FORWARD, _GPU_FORWARD_FLOAT32)
 
 
 def backward_tile_candidates(device: torch.device, dtype: torch.dtype, features: int) -> tuple[Tiles, ...]:
     if device.type != "cuda":
-        return (_INTERPRETER,)
+        return (INTERPRETER_TILES,)
     width = max(triton.next_power_of_2(features), 16)
     if dtype == torch.float32:
         # (64 x 32 tiles with a 16-wide K loop, which suit the contrastive kernels, spill here.)
@@ -110,6 +107,18 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, mask_tokens, classes, mask_classes, D, softcap,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(z', dz'/dz) of the (tokens x classes) tile: z = h W^T (+ b), capped."""
+    z = product_tile(hidden_ptr, weight_ptr, tokens, mask_tokens, classes, mask_classes, D,
+                     BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + classes, mask=mask_classes, other=0.0).to(tl.float32)[None, :]
+    return _capped(z, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
 def _logit_gradient(logits, derivative, lse, grad_lse, grad_target, grad_sum, grad_square, is_target, valid):
     """G = (grad_lse softmax + grad_sum + 2 grad_square z' + grad_target [j = t]) dz'/dz on a tile, 0 where not
     valid. The per-token arguments come broadcast to the tile's orientation (tokens on rows or on columns)."""
@@ -151,11 +160,8 @@ def _linear_ce_forward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse
     for start in range(0, V, BLOCK_N):
         classes = start + tl.arange(0, BLOCK_N)
         mask_classes = classes < V
-        z = product_tile(hidden_ptr, weight_ptr, tokens, mask_tokens, classes, mask_classes, D,
-                         BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + classes, mask=mask_classes, other=0.0).to(tl.float32)[None, :]
-        logits, _ = _capped(z, softcap, HAS_SOFTCAP)
+        logits, _ = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, mask_tokens, classes, mask_classes, D,
+                                 softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
         logits = tl.where(mask_classes[None, :], logits, 0.0)
         # The first block holds class 0, so new_max is finite from the first step on: exp(running_max - new_max)
         # never sees (-inf) - (-inf).
@@ -219,11 +225,9 @@ def _linear_ce_grad_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr,
     for start in range(0, V, BLOCK_N):
         classes = start + tl.arange(0, BLOCK_N)
         mask_classes = classes < V
-        z = product_tile(hidden_ptr, weight_ptr, tokens, mask_tokens, classes, mask_classes, D,
-                         BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + classes, mask=mask_classes, other=0.0).to(tl.float32)[None, :]
-        logits, derivative = _capped(z, softcap, HAS_SOFTCAP)
+        logits, derivative = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, mask_tokens, classes,
+                                          mask_classes, D, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D,
+                                          INPUT_PRECISION)
         gradient = _logit_gradient(logits, derivative, lse[:, None], grad_lse[:, None], grad_target[:, None],
                                    grad_sum[:, None], grad_square[:, None], classes[None, :] == targets[:, None],
                                    mask_tokens[:, None] & mask_classes[None, :])
@@ -306,7 +310,8 @@ def linear_ce_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     def run_weight(tiles: Tiles) -> tuple[torch.Tensor, torch.Tensor]:
         grad_weight = torch.empty_like(w)
         grad_bias = torch.empty_like(bias)
-        grid = (triton.cdiv(vocabulary, tiles.block_m), triton.cdiv(padded, tiles.block_dout))
+        # At least one column chunk: chunk 0 also writes grad_bias (D = 0 included).
+        grid = (triton.cdiv(vocabulary, tiles.block_m), max(triton.cdiv(padded, tiles.block_dout), 1))
         with device_context(h.device):
             _linear_ce_grad_weight_kernel[grid](h, w, bias, targets, *per_token, grad_weight, grad_bias, tokens,
                                                 vocabulary, padded, float(softcap), BLOCK_DOUT=tiles.block_dout,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .collage import _find_row, _float32_scalars, _interpreted, _no_context
-from .mcf import _STORAGE_CODE, _add, _fast_two_sum, _load, _round, _store, _two_sum
+from .eft import _STORAGE_CODE, _add, _fast_two_sum, _load, _round, _store, _two_sum
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ADAMW, FREE, COLUMNS, ROWS = 0, 1, 2, 3
@@ -139,7 +139,7 @@ def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_b
 
 def _check(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes,
            bias_correction2_roots, state_free) -> None:
-    """The C++ kernels' checks (csrc/include/leanops/frugal_step.h), in Python, before the launch."""
+    """The C++ kernels' checks (csrc/include/leanops/frugal_host.h), in Python, before the launch."""
     op = "leanops_triton.frugal_split_step_"
     count = len(params)
     if params_lo and len(params_lo) != count:

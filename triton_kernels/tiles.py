@@ -29,6 +29,18 @@ class Tiles:
         return constexprs
 
 
+# The interpreter runs programs serially in numpy: small tiles keep the tests quick and still cover several blocks.
+INTERPRETER_TILES = Tiles(block_m=16, block_n=16, block_d=16, block_dout=32, num_warps=1, num_stages=1)
+
+
+def forward_candidates(device: torch.device, dtype: torch.dtype, gpu: tuple, gpu_float32: tuple) -> tuple:
+    """A forward kernel's tiles to choose from, the default first: the interpreter's off the GPU, else the Hopper
+    candidates for 16-bit or float32 features."""
+    if device.type != "cuda":
+        return (INTERPRETER_TILES,)
+    return gpu_float32 if dtype == torch.float32 else gpu
+
+
 def input_precision(dtype: torch.dtype) -> str:
     # float32 inputs: exact float32 products (no TF32), the precision a float32 caller asked for.
     # float16/bfloat16: the argument is ignored; products are exact and accumulate in float32.

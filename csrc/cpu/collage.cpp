@@ -1,5 +1,5 @@
 // CPU kernel of Collage AdamW's fused multi-tensor step (leanops::collage_adamw_step_; the math and the oracle are in
-// python/leanops/reference/collage.py, the per-element step in leanops/collage_step.h).
+// python/leanops/reference/collage.py, the per-element step in leanops/collage.h).
 //
 // Every tensor of the lists is cut into chunks of kChunk elements (the last chunk of a tensor may be shorter), and
 // at::parallel_for spreads the chunks of all the tensors over the threads. The telemetry is deterministic: each chunk
@@ -28,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#include "leanops/collage_step.h"
+#include "leanops/collage_host.h"
 
 namespace leanops {
 namespace collage {
@@ -147,7 +147,7 @@ LEANOPS_COLLAGE_INLINE void sqrt_tile_baseline(float* x, int64_t n) {
 #if defined(__x86_64__)
   for (; j + 4 <= n; j += 4) _mm_storeu_ps(x + j, _mm_sqrt_ps(_mm_loadu_ps(x + j)));
 #endif
-  for (; j < n; ++j) x[j] = sqrt_rn(x[j]);
+  for (; j < n; ++j) x[j] = eft::sqrt_rn(x[j]);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -155,7 +155,7 @@ LEANOPS_COLLAGE_INLINE void sqrt_tile_baseline(float* x, int64_t n) {
 __attribute__((target("avx2,fma"), noinline)) void sqrt_tile_avx2(float* x, int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_sqrt_ps(_mm256_loadu_ps(x + j)));
-  for (; j < n; ++j) x[j] = sqrt_rn(x[j]);
+  for (; j < n; ++j) x[j] = eft::sqrt_rn(x[j]);
 }
 #endif
 

@@ -4,10 +4,10 @@
 //
 // The B x B similarity matrix S = image @ text^T never exists. Rows and columns are cut into blocks of kBlock; a
 // task computes one S tile (kBlock x kBlock, fp32) with ATen's CPU matmul (MKL sgemm: far faster than a loop of
-// ours), then runs a fused pass over the tile, the "epilogue": exponentials, running maxima and sums, the gradient
-// weights G. The backward recomputes the tiles instead of storing anything B x B. Memory: O(B * D) for the fp32
-// features and the outputs, O(B) for the running statistics, two tiles of scratch per thread. Everything
-// accumulates in fp32.
+// ours; leanops/tile_cpu.h, shared with csrc/cpu/cross_entropy.cpp), then runs a fused pass over the tile, the
+// "epilogue": exponentials, running maxima and sums, the gradient weights G. The backward recomputes the tiles
+// instead of storing anything B x B. Memory: O(B * D) for the fp32 features and the outputs, O(B) for the running
+// statistics, two tiles of scratch per thread. Everything accumulates in fp32.
 //
 // Parallel schedule. CLIP needs statistics of rows (over j) and of columns (over i), and both backwards write rows
 // (grad_image) and columns (grad_text). Rather than giving every thread private copies of the column outputs
@@ -36,7 +36,6 @@
 // the time at small D, where a libm call per element would cost about four times as much.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -49,7 +48,8 @@
 #include <vector>
 
 #include "leanops/contrastive_host.h"
-#include "leanops/cpu_vector.h"
+#include "leanops/tile_cpu.h"
+#include "leanops/vector_cpu.h"
 
 namespace leanops {
 namespace contrastive {
@@ -60,29 +60,43 @@ namespace {
 constexpr int64_t kBlock = 256;
 
 using namespace cpu_vector;  // NOLINT: the epilogues are written in its vocabulary
+using cpu_tile::float32_contiguous;
+using cpu_tile::num_blocks;
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tile epilogues. Each is a functor whose operator() is force-inlined into a baseline and an AVX2 + FMA clone
-// (run_epilogue), so the same source compiles to both. Tiles are R x C (R, C <= kBlock), row-major with leading
+// (run_cloned), so the same source compiles to both. Tiles are R x C (R, C <= kBlock), row-major with leading
 // dimension C; pointers to per-row data are offset to the tile's first row, per-column data to its first column.
 // Per-column inputs are first copied into zero-padded local arrays, so whole vectors can be read past column C;
 // tile rows are read and written in whole vectors up to the last, partial one (load_partial/store_partial), and
 // the padding lanes of a row reduction are masked out.
 
-// Copies n values into a kBlock array, padding with `fill`.
-LEANOPS_INLINE void copy_padded(float* out, const float* in, int64_t n, float fill) {
+// What every epilogue reads of its tile: S's R x C entries (row-major, leading dimension C).
+struct Tile {
+  const float* similarity;
+  int64_t rows, cols;
+};
+
+// Copies n values (per-column inputs of a tile) into a kBlock array, padding with `fill`.
+template <typename T>
+LEANOPS_INLINE void copy_padded(T* out, const T* in, int64_t n, T fill) {
   int64_t c = 0;
   for (; c < n; ++c) out[c] = in[c];
   for (; c < kBlock; ++c) out[c] = fill;
 }
 
-// CLIP forward: folds one tile into the running (max, sum of exp(z - max)) of its rows (z = row_scale * S) and of
-// its columns (z = col_scale * S).
-struct ClipForwardTile {
-  const float* similarity;
-  int64_t rows, cols;
+// What both CLIP epilogues read: the scales of the tile's rows and columns.
+struct ClipTile : Tile {
   const float* row_scale;
   const float* col_scale;
+
+  // The columns' scales in a kBlock array, padded with 0.
+  LEANOPS_INLINE void column_scales(float* out) const { copy_padded(out, col_scale, cols, 0.0f); }
+};
+
+// CLIP forward: folds one tile into the running (max, sum of exp(z - max)) of its rows (z = row_scale * S) and of
+// its columns (z = col_scale * S).
+struct ClipForwardTile : ClipTile {
   float* row_max;
   float* row_sum;
   float* col_max;
@@ -94,8 +108,8 @@ struct ClipForwardTile {
     alignas(32) float new_max_c[kBlock];
     alignas(32) float sum_c[kBlock];
     float new_max_r[kBlock];
+    column_scales(scale_c);
     const int64_t C = cols;
-    copy_padded(scale_c, col_scale, C, 0.0f);
     copy_padded(old_max_c, col_max, C, 0.0f);
     for (int64_t c = 0; c < kBlock; ++c) new_max_c[c] = old_max_c[c];
     // Pass 1, maxima: a row's is complete at once (its exponentials need it); columns accumulate over the rows.
@@ -138,11 +152,7 @@ struct ClipForwardTile {
 // CLIP backward: G = row_weight * row_scale * p + col_weight * col_scale * q for one tile, where
 // p = exp(row_scale * S - row_lse) and q = exp(col_scale * S - col_lse); accumulates sum_j p S into row_ps and
 // sum_i q S into col_qs (the weights are applied once, at the end).
-struct ClipBackwardTile {
-  const float* similarity;
-  int64_t rows, cols;
-  const float* row_scale;
-  const float* col_scale;
+struct ClipBackwardTile : ClipTile {
   const float* row_lse;
   const float* col_lse;
   const float* row_weight;
@@ -156,8 +166,8 @@ struct ClipBackwardTile {
     alignas(32) float lse_c[kBlock];
     alignas(32) float coefficient_c[kBlock];
     alignas(32) float qs_c[kBlock];
+    column_scales(scale_c);
     const int64_t C = cols;
-    copy_padded(scale_c, col_scale, C, 0.0f);
     copy_padded(lse_c, col_lse, C, 0.0f);
     for (int64_t c = 0; c < kBlock; ++c) {
       coefficient_c[c] = c < C ? col_weight[c] * scale_c[c] : 0.0f;
@@ -185,26 +195,25 @@ struct ClipBackwardTile {
   }
 };
 
-// Group ids of one tile's columns, padded (the padding lanes are masked out of every row reduction).
-LEANOPS_INLINE void copy_padded_groups(int32_t* out, const int32_t* in, int64_t n) {
-  int64_t c = 0;
-  for (; c < n; ++c) out[c] = in[c];
-  for (; c < kBlock; ++c) out[c] = 0;
-}
-
-// SigLIP forward: row_loss[r] += sum_c softplus(-label * (scale * S + bias)).
-struct SiglipForwardTile {
-  const float* similarity;
-  int64_t rows, cols;
+// What both SigLIP epilogues read: z = scale * S + bias, and the labels from the group ids of the tile's rows and
+// columns.
+struct SiglipTile : Tile {
   float scale, bias;
   const int32_t* row_group;  // dense group ids (see dense_group_ids)
   const int32_t* col_group;
+
+  // The columns' group ids in a kBlock array, padded (the padding lanes are masked out of every row reduction).
+  LEANOPS_INLINE void column_groups(int32_t* out) const { copy_padded(out, col_group, cols, 0); }
+};
+
+// SigLIP forward: row_loss[r] += sum_c softplus(-label * (scale * S + bias)).
+struct SiglipForwardTile : SiglipTile {
   float* row_loss;
 
   LEANOPS_INLINE void operator()() const {
     alignas(32) int32_t group_c[kBlock];
+    column_groups(group_c);
     const int64_t C = cols;
-    copy_padded_groups(group_c, col_group, C);
     for (int64_t r = 0; r < rows; ++r) {
       const float* s_row = similarity + r * C;
       const vint group = splat_int(row_group[r]);
@@ -222,12 +231,7 @@ struct SiglipForwardTile {
 
 // SigLIP backward: D = -row_weight * label * sigmoid(-label * z) for one tile, z = scale * S + bias; accumulates
 // sum_c D and sum_c D S per row.
-struct SiglipBackwardTile {
-  const float* similarity;
-  int64_t rows, cols;
-  float scale, bias;
-  const int32_t* row_group;
-  const int32_t* col_group;
+struct SiglipBackwardTile : SiglipTile {
   const float* row_weight;
   float* weights;  // D, R x C
   float* row_d;
@@ -235,8 +239,8 @@ struct SiglipBackwardTile {
 
   LEANOPS_INLINE void operator()() const {
     alignas(32) int32_t group_c[kBlock];
+    column_groups(group_c);
     const int64_t C = cols;
-    copy_padded_groups(group_c, col_group, C);
     for (int64_t r = 0; r < rows; ++r) {
       const float* s_row = similarity + r * C;
       float* d_row = weights + r * C;
@@ -262,50 +266,37 @@ struct SiglipBackwardTile {
   }
 };
 
-
 // ---------------------------------------------------------------------------------------------------------------
-// Tile matmuls through ATen's CPU kernels (at::cpu:: calls the CPU implementation directly: no dispatcher, no
-// autograd, safe in worker threads; inside at::parallel_for the BLAS runs single-threaded). Operands are wrapped
-// with from_blob, which costs a TensorImpl and no copy.
+// Tile matmuls (leanops/tile_cpu.h).
 
-at::Tensor wrap(const float* data, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(data), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// The transpose (cols x rows) of the row-major rows x cols matrix at `data`.
-at::Tensor wrap_transposed(const float* data, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(data), {cols, rows}, {1, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// Row-major (B, D) fp32 features and the block of rows [first, first + count).
+// Row-major (B, D) fp32 features (the input, or its fp32 copy: see the file comment) and the block of rows
+// [first, first + count).
 struct Features {
+  at::Tensor fp32;
   const float* data;
   int64_t dim;
-  at::Tensor block(int64_t first, int64_t count) const { return wrap(data + first * dim, count, dim); }
-  at::Tensor block_transposed(int64_t first, int64_t count) const {
-    return wrap_transposed(data + first * dim, count, dim);
-  }
+
+  explicit Features(const at::Tensor& features)
+      : fp32(float32_contiguous(features)), data(fp32.const_data_ptr<float>()), dim(fp32.size(1)) {}
+  const float* row(int64_t first) const { return data + first * dim; }
+  at::Tensor block(int64_t first, int64_t count) const { return cpu_tile::wrap(row(first), count, dim); }
 };
 
-// similarity (R x C, leading dimension C) = x[i0 : i0 + R] @ y[j0 : j0 + C]^T.
-void similarity_tile(const Features& x, int64_t i0, int64_t R, const Features& y, int64_t j0, int64_t C,
+// similarity (R x C, leading dimension C) = x[i0 : i0 + R] @ y[j0 : j0 + C]^T; returns the Tile of its epilogues.
+Tile similarity_tile(const Features& x, int64_t i0, int64_t R, const Features& y, int64_t j0, int64_t C,
                      float* similarity) {
-  if (x.dim == 0) {
-    std::fill_n(similarity, R * C, 0.0f);  // empty dot products; not left to the BLAS's handling of k = 0
-    return;
-  }
-  at::Tensor out = wrap(similarity, R, C);
-  at::cpu::mm_out(out, x.block(i0, R), y.block_transposed(j0, C));
+  cpu_tile::product_tile(x.row(i0), R, y.row(j0), C, x.dim, similarity);
+  return Tile{similarity, R, C};
 }
 
 // grad_x[i0 : i0 + R] += alpha * G @ y[j0 : j0 + C]; grad_y[j0 : j0 + C] += alpha * G^T @ x[i0 : i0 + R].
 void accumulate_gradients(const float* weights, float alpha, const Features& x, int64_t i0, int64_t R,
                           const Features& y, int64_t j0, int64_t C, float* grad_x, float* grad_y) {
   if (x.dim == 0) return;
-  const at::Tensor g = wrap(weights, R, C);
-  const at::Tensor g_transposed = wrap_transposed(weights, R, C);
-  at::Tensor grad_x_block = wrap(grad_x + i0 * x.dim, R, x.dim);
-  at::Tensor grad_y_block = wrap(grad_y + j0 * y.dim, C, y.dim);
+  const at::Tensor g = cpu_tile::wrap(weights, R, C);
+  const at::Tensor g_transposed = cpu_tile::wrap_transposed(weights, R, C);
+  at::Tensor grad_x_block = cpu_tile::wrap(grad_x + i0 * x.dim, R, x.dim);
+  at::Tensor grad_y_block = cpu_tile::wrap(grad_y + j0 * y.dim, C, y.dim);
   at::cpu::addmm_out(grad_x_block, grad_x_block, g, y.block(j0, C), /*beta=*/1.0f, /*alpha=*/alpha);
   at::cpu::addmm_out(grad_y_block, grad_y_block, g_transposed, x.block(i0, R), /*beta=*/1.0f, /*alpha=*/alpha);
 }
@@ -313,30 +304,35 @@ void accumulate_gradients(const float* weights, float alpha, const Features& x, 
 // ---------------------------------------------------------------------------------------------------------------
 // Schedules.
 
+// A task's buffer for S's tiles.
 struct TileScratch {
   std::unique_ptr<float[]> similarity{new float[kBlock * kBlock]};
-  std::unique_ptr<float[]> weights;  // allocated by the backward passes only
+
+  // S's tile of rows [i0, i0 + kBlock) and columns [j0, j0 + kBlock), cut at B.
+  Tile tile(const Features& x, int64_t i0, const Features& y, int64_t j0, int64_t batch) {
+    return similarity_tile(x, i0, std::min(kBlock, batch - i0), y, j0, std::min(kBlock, batch - j0),
+                           similarity.get());
+  }
 };
 
-int64_t num_blocks(int64_t batch) { return (batch + kBlock - 1) / kBlock; }
-
-// Calls fn(i0, R, j0, C, scratch) for every (row block, column block) pair, in diagonals of block groups: within
-// one parallel step no two tasks share a row block or a column block (see the file comment).
+// Calls fn(tile, i0, j0, weights) for every (row block, column block) pair with S's tile (rows from i0, columns from
+// j0) computed, in diagonals of block groups: within one parallel step no two tasks share a row block or a column
+// block (see the file comment). `weights` is the task's R x C scratch for the gradient weights (with_weights only).
 template <typename Fn>
-void for_each_tile_by_diagonals(int64_t batch, bool with_weights, const Fn& fn) {
-  const int64_t blocks = num_blocks(batch);
+void for_each_tile_by_diagonals(const Features& x, const Features& y, int64_t batch, bool with_weights, const Fn& fn) {
+  const int64_t blocks = num_blocks(batch, kBlock);
   const int64_t groups = std::min<int64_t>(blocks, std::max(1, at::get_num_threads()));
   // Group g holds blocks [g * blocks / groups, (g + 1) * blocks / groups): sizes differ by at most one block.
   const auto group_begin = [&](int64_t g) { return g * blocks / groups * kBlock; };
   for (int64_t step = 0; step < groups; ++step) {
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       TileScratch scratch;
-      if (with_weights) scratch.weights.reset(new float[kBlock * kBlock]);
+      std::unique_ptr<float[]> weights(with_weights ? new float[kBlock * kBlock] : nullptr);
       for (int64_t g = begin; g < end; ++g) {
         const int64_t h = (g + step) % groups;
         for (int64_t i0 = group_begin(g); i0 < group_begin(g + 1); i0 += kBlock) {
           for (int64_t j0 = group_begin(h); j0 < group_begin(h + 1); j0 += kBlock) {
-            fn(i0, std::min(kBlock, batch - i0), j0, std::min(kBlock, batch - j0), scratch);
+            fn(scratch.tile(x, i0, y, j0, batch), i0, j0, weights.get());
           }
         }
       }
@@ -344,17 +340,15 @@ void for_each_tile_by_diagonals(int64_t batch, bool with_weights, const Fn& fn) 
   }
 }
 
-// Calls fn(i0, R, j0, C, scratch) for every tile, in parallel over row blocks; a task sweeps all column blocks.
+// Calls fn(tile, i0, j0) for every tile of S, in parallel over row blocks; a task sweeps all column blocks.
 template <typename Fn>
-void for_each_tile_by_rows(int64_t batch, const Fn& fn) {
-  const int64_t blocks = num_blocks(batch);
+void for_each_tile_by_rows(const Features& x, const Features& y, int64_t batch, const Fn& fn) {
+  const int64_t blocks = num_blocks(batch, kBlock);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     TileScratch scratch;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t i0 = i * kBlock;
-      for (int64_t j0 = 0; j0 < batch; j0 += kBlock) {
-        fn(i0, std::min(kBlock, batch - i0), j0, std::min(kBlock, batch - j0), scratch);
-      }
+      for (int64_t j0 = 0; j0 < batch; j0 += kBlock) fn(scratch.tile(x, i0, y, j0, batch), i0, j0);
     }
   });
 }
@@ -362,13 +356,9 @@ void for_each_tile_by_rows(int64_t batch, const Fn& fn) {
 // ---------------------------------------------------------------------------------------------------------------
 // The ops.
 
-at::Tensor float32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 at::Tensor empty_float32(const at::Tensor& like, at::IntArrayRef sizes) {
   return at::empty(sizes, like.options().dtype(at::kFloat));
 }
-
-Features features_of(const at::Tensor& fp32) { return Features{fp32.const_data_ptr<float>(), fp32.size(1)}; }
 
 std::tuple<at::Tensor, at::Tensor> clip_forward(const at::Tensor& image, const at::Tensor& text,
                                                 const at::Tensor& scale) {
@@ -376,23 +366,17 @@ std::tuple<at::Tensor, at::Tensor> clip_forward(const at::Tensor& image, const a
   const int64_t batch = image.size(0);
   at::Tensor row_lse = empty_float32(image, {batch});
   at::Tensor col_lse = empty_float32(image, {batch});
-  const at::Tensor x32 = float32_contiguous(image);
-  const at::Tensor y32 = float32_contiguous(text);
+  const Features x(image), y(text);
   const at::Tensor scale32 = scale.contiguous();
-  const Features x = features_of(x32);
-  const Features y = features_of(y32);
   const float* scale_data = scale32.const_data_ptr<float>();
   std::vector<float> row_max(batch, -kInfinity), row_sum(batch, 0.0f);
   std::vector<float> col_max(batch, -kInfinity), col_sum(batch, 0.0f);
 
-  for_each_tile_by_diagonals(batch, /*with_weights=*/false,
-                             [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
-                               similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
-                               run_epilogue(ClipForwardTile{scratch.similarity.get(), R, C, scale_data + i0,
-                                                            scale_data + j0, row_max.data() + i0,
-                                                            row_sum.data() + i0, col_max.data() + j0,
-                                                            col_sum.data() + j0});
-                             });
+  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* /*weights*/) {
+    run_cloned(ClipForwardTile{{tile, scale_data + i0, scale_data + j0}, row_max.data() + i0, row_sum.data() + i0,
+                               col_max.data() + j0, col_sum.data() + j0});
+  };
+  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/false, per_tile);
 
   float* row_out = row_lse.mutable_data_ptr<float>();
   float* col_out = col_lse.mutable_data_ptr<float>();
@@ -412,12 +396,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward(const at::Tensor& i
   at::Tensor grad_image = at::zeros(image.sizes(), image.options().dtype(at::kFloat));
   at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
   at::Tensor grad_scale = empty_float32(image, {batch});
-  const at::Tensor x32 = float32_contiguous(image);
-  const at::Tensor y32 = float32_contiguous(text);
+  const Features x(image), y(text);
   const at::Tensor scale32 = scale.contiguous(), row_lse32 = row_lse.contiguous(), col_lse32 = col_lse.contiguous();
   const at::Tensor row_weight32 = row_weight.contiguous(), col_weight32 = col_weight.contiguous();
-  const Features x = features_of(x32);
-  const Features y = features_of(y32);
   const float* scale_data = scale32.const_data_ptr<float>();
   const float* row_lse_data = row_lse32.const_data_ptr<float>();
   const float* col_lse_data = col_lse32.const_data_ptr<float>();
@@ -428,15 +409,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward(const at::Tensor& i
   // The row and column parts of grad_scale are written by different tasks of one step: separate arrays.
   std::vector<float> row_ps(batch, 0.0f), col_qs(batch, 0.0f);
 
-  for_each_tile_by_diagonals(
-      batch, /*with_weights=*/true, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
-        similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
-        run_epilogue(ClipBackwardTile{scratch.similarity.get(), R, C, scale_data + i0, scale_data + j0,
-                                      row_lse_data + i0, col_lse_data + j0, row_weight_data + i0,
-                                      col_weight_data + j0, scratch.weights.get(), row_ps.data() + i0,
-                                      col_qs.data() + j0});
-        accumulate_gradients(scratch.weights.get(), 1.0f, x, i0, R, y, j0, C, grad_image_data, grad_text_data);
-      });
+  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* weights) {
+    run_cloned(ClipBackwardTile{{tile, scale_data + i0, scale_data + j0}, row_lse_data + i0, col_lse_data + j0,
+                                row_weight_data + i0, col_weight_data + j0, weights, row_ps.data() + i0,
+                                col_qs.data() + j0});
+    accumulate_gradients(weights, 1.0f, x, i0, tile.rows, y, j0, tile.cols, grad_image_data, grad_text_data);
+  };
+  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/true, per_tile);
 
   float* grad_scale_data = grad_scale.mutable_data_ptr<float>();
   for (int64_t k = 0; k < batch; ++k) {
@@ -458,10 +437,7 @@ at::Tensor siglip_forward(const at::Tensor& image, const at::Tensor& text, const
   const int64_t batch = image.size(0);
   at::Tensor row_loss = at::zeros({batch}, image.options().dtype(at::kFloat));
   if (batch == 0) return row_loss;
-  const at::Tensor x32 = float32_contiguous(image);
-  const at::Tensor y32 = float32_contiguous(text);
-  const Features x = features_of(x32);
-  const Features y = features_of(y32);
+  const Features x(image), y(text);
   const float scale_value = scale.item<float>();
   const float bias_value = bias.item<float>();
   const at::Tensor group_ids = dense_group_ids(groups);
@@ -469,10 +445,9 @@ at::Tensor siglip_forward(const at::Tensor& image, const at::Tensor& text, const
   float* row_loss_data = row_loss.mutable_data_ptr<float>();
 
   // Only row outputs: each task owns its row block for the whole sweep.
-  for_each_tile_by_rows(batch, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
-    similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
-    run_epilogue(SiglipForwardTile{scratch.similarity.get(), R, C, scale_value, bias_value, group_data + i0,
-                                   group_data + j0, row_loss_data + i0});
+  for_each_tile_by_rows(x, y, batch, [&](const Tile& tile, int64_t i0, int64_t j0) {
+    run_cloned(
+        SiglipForwardTile{{tile, scale_value, bias_value, group_data + i0, group_data + j0}, row_loss_data + i0});
   });
   return row_loss;
 }
@@ -489,10 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const
   at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
   at::Tensor grad_scale = empty_float32(image, {});
   at::Tensor grad_bias = empty_float32(image, {});
-  const at::Tensor x32 = float32_contiguous(image);
-  const at::Tensor y32 = float32_contiguous(text);
-  const Features x = features_of(x32);
-  const Features y = features_of(y32);
+  const Features x(image), y(text);
   const float scale_value = scale.item<float>();
   const float bias_value = bias.item<float>();
   const at::Tensor group_ids = dense_group_ids(groups);
@@ -503,15 +475,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const
   float* grad_text_data = grad_text.mutable_data_ptr<float>();
   std::vector<float> row_d(batch, 0.0f), row_ds(batch, 0.0f);
 
-  for_each_tile_by_diagonals(
-      batch, /*with_weights=*/true, [&](int64_t i0, int64_t R, int64_t j0, int64_t C, TileScratch& scratch) {
-        similarity_tile(x, i0, R, y, j0, C, scratch.similarity.get());
-        run_epilogue(SiglipBackwardTile{scratch.similarity.get(), R, C, scale_value, bias_value, group_data + i0,
-                                        group_data + j0, row_weight_data + i0, scratch.weights.get(),
-                                        row_d.data() + i0, row_ds.data() + i0});
-        accumulate_gradients(scratch.weights.get(), scale_value, x, i0, R, y, j0, C, grad_image_data,
-                             grad_text_data);
-      });
+  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* weights) {
+    run_cloned(SiglipBackwardTile{{tile, scale_value, bias_value, group_data + i0, group_data + j0},
+                                  row_weight_data + i0, weights, row_d.data() + i0, row_ds.data() + i0});
+    accumulate_gradients(weights, scale_value, x, i0, tile.rows, y, j0, tile.cols, grad_image_data, grad_text_data);
+  };
+  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/true, per_tile);
 
   // B per-row partials: summed in double, which costs nothing at this size.
   double d_total = 0.0, ds_total = 0.0;
@@ -529,8 +498,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const
 }  // namespace leanops
 
 TORCH_LIBRARY_IMPL(leanops, CPU, m) {
-  m.impl("clip_forward", &leanops::contrastive::clip_forward);
-  m.impl("clip_backward", &leanops::contrastive::clip_backward);
-  m.impl("siglip_forward", &leanops::contrastive::siglip_forward);
-  m.impl("siglip_backward", &leanops::contrastive::siglip_backward);
+  namespace k = leanops::contrastive;
+  k::register_kernels(m, &k::clip_forward, &k::clip_backward, &k::siglip_forward, &k::siglip_backward);
 }

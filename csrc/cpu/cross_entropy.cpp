@@ -4,10 +4,10 @@
 //
 // The N x V logits z = hidden @ weight^T + bias never exist. Tokens are cut into blocks of kTokenBlock rows and the
 // vocabulary into blocks of kVocabBlock classes; a task computes one z tile (fp32) with ATen's CPU matmul (MKL
-// sgemm) and runs a fused pass over it, the "epilogue" (bias, softcap, exponentials, the per-token statistics or
-// the gradient weights G). Like csrc/cpu/contrastive.cpp, whose design this follows. Everything accumulates in fp32;
-// the running per-token sums across vocabulary tiles are kept in double, which costs O(N) and keeps the statistics
-// of a 50k-class vocabulary at fp32 accuracy.
+// sgemm; leanops/tile_cpu.h) and runs a fused pass over it, the "epilogue" (bias, softcap, exponentials, the
+// per-token statistics or the gradient weights G). Like csrc/cpu/contrastive.cpp, whose design this follows.
+// Everything accumulates in fp32; the running per-token sums across vocabulary tiles are kept in double, which costs
+// O(N) and keeps the statistics of a 50k-class vocabulary at fp32 accuracy.
 //
 // Schedules: every output has exactly one owner, so there are no races, no atomics and no partial sums across
 // chunks, and results do not depend on the thread count (each output is reduced in the same order whoever runs it).
@@ -29,11 +29,10 @@
 // redo it for every tile. Gradients are reduced in fp32 and rounded once to the input dtype when a block is done.
 //
 // Epilogues: 8-lane GCC vectors with branch-free exp and tanh polynomials, compiled as baseline SSE2 and as an
-// AVX2 + FMA clone chosen at run time (csrc/include/leanops/cpu_vector.h, shared with csrc/cpu/contrastive.cpp).
+// AVX2 + FMA clone chosen at run time (csrc/include/leanops/vector_cpu.h, shared with csrc/cpu/contrastive.cpp).
 // Exponentials dominate the time at small D.
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
-#include <ATen/ops/mm_cpu_dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -45,10 +44,12 @@
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "leanops/cross_entropy_host.h"
-#include "leanops/cpu_vector.h"
+#include "leanops/tile_cpu.h"
+#include "leanops/vector_cpu.h"
 
 namespace leanops {
 namespace cross_entropy {
@@ -61,6 +62,10 @@ constexpr int64_t kTokenBlock = 128;
 constexpr int64_t kVocabBlock = 512;
 
 using namespace cpu_vector;  // NOLINT: the epilogues are written in its vocabulary
+using cpu_tile::float32_contiguous;
+using cpu_tile::num_blocks;
+using cpu_tile::wrap;
+using cpu_tile::wrap_transposed;
 
 static_assert(kVocabBlock % kWidth == 0, "per-column scratch is read in whole vectors");
 
@@ -76,17 +81,31 @@ LEANOPS_INLINE vfloat cap(const vfloat& z, float softcap, float inverse) {
 // dimension C, holding z = h W^T without the bias on entry. Per-token pointers are offset to the tile's first row;
 // `bias` to its first class, readable in whole vectors past C (the bias array is zero-padded by kWidth). Rows are
 // read and written in whole vectors up to the last, partial one; padding lanes are masked out of every reduction.
-// Each functor's operator() is force-inlined into a baseline and an AVX2 + FMA clone (run_epilogue).
+// Each functor's operator() is force-inlined into a baseline and an AVX2 + FMA clone (run_cloned).
 
-// Forward: z -> z' in place, and folds the tile into the running statistics of its rows.
-template <bool kCapped>
-struct ForwardTile {
+// What every epilogue reads of its tile (see above); softcap > 0: capped, with inverse_softcap = 1 / softcap.
+struct Tile {
   float* logits;
   int64_t rows, cols;
   int64_t first_class;
   const float* bias;
   float softcap, inverse_softcap;
   const int64_t* targets;
+};
+
+// Runs Epilogue<true> (capped) or Epilogue<false> over a tile; `rest` initialises the epilogue's own members.
+template <template <bool> class Epilogue, typename... Rest>
+void run_tile_epilogue(const Tile& tile, Rest... rest) {
+  if (tile.softcap > 0) {
+    run_cloned(Epilogue<true>{tile, rest...});
+  } else {
+    run_cloned(Epilogue<false>{tile, rest...});
+  }
+}
+
+// Forward: z -> z' in place, and folds the tile into the running statistics of its rows.
+template <bool kCapped>
+struct ForwardTile : Tile {
   float* running_max;
   double* running_sum;  // of exp(z' - running_max)
   double* logit_sum;
@@ -135,13 +154,7 @@ struct ForwardTile {
 // * (1 - (z' / softcap)^2 when capped); with column_sums, also adds sum over the tile's rows of G per class
 // (column_sums is a zeroed kVocabBlock array).
 template <bool kCapped>
-struct BackwardTile {
-  float* logits;
-  int64_t rows, cols;
-  int64_t first_class;
-  const float* bias;
-  float softcap, inverse_softcap;
-  const int64_t* targets;
+struct BackwardTile : Tile {
   const float* lse;
   const float* grad_lse;
   const float* grad_target;
@@ -181,17 +194,7 @@ struct BackwardTile {
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// Tile matmuls through ATen's CPU kernels (at::cpu:: calls the CPU implementation directly: no dispatcher, no
-// autograd, safe in worker threads). Operands are wrapped with from_blob: a TensorImpl, no copy.
-
-at::Tensor wrap(const float* data, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(data), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-}
-
-// The transpose (cols x rows) of the row-major rows x cols matrix at `data`.
-at::Tensor wrap_transposed(const float* data, int64_t rows, int64_t cols) {
-  return at::from_blob(const_cast<float*>(data), {cols, rows}, {1, cols}, at::TensorOptions().dtype(at::kFloat));
-}
+// Tile matmuls (leanops/tile_cpu.h).
 
 // The inputs of one call, in fp32 (row-major hidden (N, D), weight (V, D); bias zero-padded to V + kWidth, all
 // zeros without a bias).
@@ -206,43 +209,28 @@ struct Problem {
   float inverse_softcap;
 };
 
-// tile (R x C, leading dimension C) = hidden[i0 : i0 + R] @ weight[j0 : j0 + C]^T.
-void logits_tile(const Problem& p, int64_t i0, int64_t R, int64_t j0, int64_t C, float* tile) {
-  if (p.dim == 0) {
-    std::fill_n(tile, R * C, 0.0f);  // empty dot products; not left to the BLAS's handling of k = 0
-    return;
-  }
-  at::Tensor out = wrap(tile, R, C);
-  at::cpu::mm_out(out, wrap(p.hidden + i0 * p.dim, R, p.dim), wrap_transposed(p.weight + j0 * p.dim, C, p.dim));
+// tile (R x C, leading dimension C) = hidden[i0 : i0 + R] @ weight[j0 : j0 + C]^T; returns the Tile of its epilogues.
+Tile logits_tile(const Problem& p, int64_t i0, int64_t R, int64_t j0, int64_t C, float* tile) {
+  cpu_tile::product_tile(p.hidden + i0 * p.dim, R, p.weight + j0 * p.dim, C, p.dim, tile);
+  return Tile{tile, R, C, j0, p.bias + j0, p.softcap, p.inverse_softcap, p.targets + i0};
 }
-
-int64_t num_blocks(int64_t count, int64_t block) { return (count + block - 1) / block; }
 
 // count fp32 values rounded once to the output dtype.
 void store_rounded(const float* source, int64_t count, at::ScalarType dtype, void* destination) {
-  switch (dtype) {
-    case at::kFloat:
+  const bool supported = dispatch_float_dtype<float, c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float>) {
       std::memcpy(destination, source, count * sizeof(float));
-      break;
-    case at::kBFloat16: {
-      auto* out = static_cast<c10::BFloat16*>(destination);
-      for (int64_t k = 0; k < count; ++k) out[k] = c10::BFloat16(source[k]);  // round to nearest even
-      break;
+    } else {
+      auto* out = static_cast<T*>(destination);
+      for (int64_t k = 0; k < count; ++k) out[k] = T(source[k]);  // round to nearest even
     }
-    case at::kHalf: {
-      auto* out = static_cast<c10::Half*>(destination);
-      for (int64_t k = 0; k < count; ++k) out[k] = c10::Half(source[k]);  // round to nearest even
-      break;
-    }
-    default:
-      TORCH_INTERNAL_ASSERT(false, "unexpected dtype ", dtype);
-  }
+  });
+  TORCH_INTERNAL_ASSERT(supported, "unexpected dtype ", dtype);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // The ops.
-
-at::Tensor float32_contiguous(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // Targets must be class indices in [0, V) or -1. The kernels only compare them with class indices (no out-of-bounds
 // access either way), but an index >= V, or another negative, would silently mean "no target": an error instead.
@@ -321,14 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_forward(con
       std::fill_n(squares, R, 0.0);
       for (int64_t j0 = 0; j0 < p.classes; j0 += kVocabBlock) {
         const int64_t C = std::min(kVocabBlock, p.classes - j0);
-        logits_tile(p, i0, R, j0, C, tile.get());
-        if (p.softcap > 0) {
-          run_epilogue(ForwardTile<true>{tile.get(), R, C, j0, p.bias + j0, p.softcap, p.inverse_softcap,
-                                         p.targets + i0, running_max, running_sum, sums, squares, picked});
-        } else {
-          run_epilogue(ForwardTile<false>{tile.get(), R, C, j0, p.bias + j0, 0.0f, 0.0f, p.targets + i0,
-                                          running_max, running_sum, sums, squares, picked});
-        }
+        run_tile_epilogue<ForwardTile>(logits_tile(p, i0, R, j0, C, tile.get()), running_max, running_sum, sums,
+                                       squares, picked);
       }
       for (int64_t r = 0; r < R; ++r) {
         lse_out[i0 + r] = static_cast<float>(running_max[r] + std::log(running_sum[r]));
@@ -345,21 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ce_forward(con
 struct TokenGradients {
   at::Tensor lse, grad_lse, grad_target, grad_sum, grad_square_sum;
 
-  // G for the tile (R tokens from i0) x (C classes from j0), in place over its z; column sums when wanted.
-  void tile_gradient(const Problem& p, float* tile, int64_t i0, int64_t R, int64_t j0, int64_t C,
-                     float* column_sums) const {
-    const float* l = lse.const_data_ptr<float>() + i0;
-    const float* gl = grad_lse.const_data_ptr<float>() + i0;
-    const float* gt = grad_target.const_data_ptr<float>() + i0;
-    const float* gs = grad_sum.const_data_ptr<float>() + i0;
-    const float* gq = grad_square_sum.const_data_ptr<float>() + i0;
-    if (p.softcap > 0) {
-      run_epilogue(BackwardTile<true>{tile, R, C, j0, p.bias + j0, p.softcap, p.inverse_softcap, p.targets + i0, l,
-                                      gl, gt, gs, gq, column_sums});
-    } else {
-      run_epilogue(BackwardTile<false>{tile, R, C, j0, p.bias + j0, 0.0f, 0.0f, p.targets + i0, l, gl, gt, gs, gq,
-                                       column_sums});
-    }
+  // G in place of the tile's z (its tokens from i0); column sums when wanted.
+  void tile_gradient(const Tile& tile, int64_t i0, float* column_sums) const {
+    run_tile_epilogue<BackwardTile>(tile, lse.const_data_ptr<float>() + i0, grad_lse.const_data_ptr<float>() + i0,
+                                    grad_target.const_data_ptr<float>() + i0, grad_sum.const_data_ptr<float>() + i0,
+                                    grad_square_sum.const_data_ptr<float>() + i0, column_sums);
   }
 };
 
@@ -396,8 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
       at::Tensor grad_block = wrap(accumulator.get(), R, dim);
       for (int64_t j0 = 0; j0 < classes; j0 += kVocabBlock) {
         const int64_t C = std::min(kVocabBlock, classes - j0);
-        logits_tile(p, i0, R, j0, C, tile.get());
-        per_token.tile_gradient(p, tile.get(), i0, R, j0, C, nullptr);
+        per_token.tile_gradient(logits_tile(p, i0, R, j0, C, tile.get()), i0, nullptr);
         if (dim > 0) {
           at::cpu::addmm_out(grad_block, grad_block, wrap(tile.get(), R, C), wrap(p.weight + j0 * dim, C, dim));
         }
@@ -421,9 +392,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
       at::Tensor grad_block = wrap(accumulator.get(), C, dim);
       for (int64_t i0 = 0; i0 < tokens; i0 += kTokenBlock) {
         const int64_t R = std::min(kTokenBlock, tokens - i0);
-        logits_tile(p, i0, R, j0, C, tile.get());
+        const Tile logits = logits_tile(p, i0, R, j0, C, tile.get());
         if (p.has_bias) std::fill_n(column_sums, kVocabBlock, 0.0f);
-        per_token.tile_gradient(p, tile.get(), i0, R, j0, C, p.has_bias ? column_sums : nullptr);
+        per_token.tile_gradient(logits, i0, p.has_bias ? column_sums : nullptr);
         if (dim > 0) {
           at::cpu::addmm_out(grad_block, grad_block, wrap_transposed(tile.get(), R, C),
                              wrap(p.hidden + i0 * dim, R, dim));
@@ -447,6 +418,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ce_backward(
 }  // namespace leanops
 
 TORCH_LIBRARY_IMPL(leanops, CPU, m) {
-  m.impl("linear_ce_forward", &leanops::cross_entropy::linear_ce_forward);
-  m.impl("linear_ce_backward", &leanops::cross_entropy::linear_ce_backward);
+  namespace k = leanops::cross_entropy;
+  k::register_kernels(m, &k::linear_ce_forward, &k::linear_ce_backward);
 }

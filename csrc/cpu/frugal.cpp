@@ -1,5 +1,5 @@
 // CPU kernel of FRUGAL's fused split step (leanops::frugal_split_step_; the math and the oracle are in
-// python/leanops/reference/frugal.py, the per-element step in leanops/frugal_step.h).
+// python/leanops/reference/frugal.py, the per-element step in leanops/frugal.h, the checks in leanops/frugal_host.h).
 //
 // Tensor by tensor; within a tensor at::parallel_for spreads the work over the threads: flat chunks of elements in
 // ADAMW and FREE modes, whole rows of the matrix in COLUMNS and ROWS modes (a row reads its positions entry, or the
@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "leanops/frugal_step.h"
+#include "leanops/frugal_host.h"
 
 namespace leanops {
 namespace frugal {
@@ -55,41 +55,28 @@ void step_tensor(const Operands<T, G>& o, int64_t numel, int64_t mode, int64_t p
 }
 
 template <typename T, typename G, typename F, bool Compensated>
-void step_all(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-              at::TensorList grads, at::TensorList positions, at::TensorList addends, at::IntArrayRef modes,
-              at::ArrayRef<double> step_sizes, at::ArrayRef<double> bias_correction2_roots, const Scalars& s) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t mode = modes[i];
+void step_all(const Call& call) {
+  for (size_t i = 0; i < call.params.size(); ++i) {
+    const int64_t mode = call.modes[i];
     const bool has_moments = mode != kFree;
     const bool has_positions = mode == kColumns || mode == kRows;
-    Operands<T, G> o{params[i].data_ptr<T>(),
-                     Compensated ? params_lo[i].data_ptr<T>() : nullptr,
-                     has_moments ? exp_avgs[i].data_ptr<float>() : nullptr,
-                     has_moments ? exp_avg_sqs[i].data_ptr<float>() : nullptr,
-                     grads[i].const_data_ptr<G>(),
-                     has_positions ? positions[i].const_data_ptr<int32_t>() : nullptr,
-                     addends[i].numel() > 0 ? addends[i].const_data_ptr<float>() : nullptr};
-    const TensorScalars t{static_cast<float>(step_sizes[i]), static_cast<float>(bias_correction2_roots[i])};
-    step_tensor<T, G, F, Compensated>(o, params[i].numel(), mode, has_positions ? positions[i].numel() : 0,
-                                      has_moments ? exp_avgs[i].numel() : 0, s, t);
+    Operands<T, G> o{call.params[i].data_ptr<T>(),
+                     Compensated ? call.params_lo[i].data_ptr<T>() : nullptr,
+                     has_moments ? call.exp_avgs[i].data_ptr<float>() : nullptr,
+                     has_moments ? call.exp_avg_sqs[i].data_ptr<float>() : nullptr,
+                     call.grads[i].const_data_ptr<G>(),
+                     has_positions ? call.positions[i].const_data_ptr<int32_t>() : nullptr,
+                     call.addends[i].numel() > 0 ? call.addends[i].const_data_ptr<float>() : nullptr};
+    const TensorScalars t{static_cast<float>(call.step_sizes[i]), static_cast<float>(call.bias_correction2_roots[i])};
+    step_tensor<T, G, F, Compensated>(o, call.params[i].numel(), mode,
+                                      has_positions ? call.positions[i].numel() : 0,
+                                      has_moments ? call.exp_avgs[i].numel() : 0, call.scalars, t);
   }
 }
 
-void frugal_split_step_cpu(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList grads, at::TensorList positions,
-                           at::TensorList addends, at::IntArrayRef modes, at::ArrayRef<double> step_sizes,
-                           at::ArrayRef<double> bias_correction2_roots, double beta1, double beta2, double eps,
-                           double decay, double free_lr, int64_t state_free) {
-  check_arguments(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes,
-                  bias_correction2_roots, state_free);
-  if (params.empty()) return;
-  const Scalars s = make_scalars(beta1, beta2, eps, decay, free_lr, state_free);
-  const at::ScalarType dtype = params[0].scalar_type();
-  const bool float_grads = grads[0].scalar_type() == at::kFloat && dtype != at::kFloat;
-  dispatch_step_types(dtype, float_grads, !params_lo.empty(), [&](auto param, auto grad, auto format, auto compensated) {
-    step_all<decltype(param), decltype(grad), decltype(format), decltype(compensated)::value>(
-        params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes, bias_correction2_roots,
-        s);
+void run_cpu(const Call& call) {
+  dispatch_step_types(call, [&](auto param, auto grad, auto format, auto compensated) {
+    step_all<decltype(param), decltype(grad), decltype(format), decltype(compensated)::value>(call);
   });
 }
 
@@ -97,4 +84,6 @@ void frugal_split_step_cpu(at::TensorList params, at::TensorList params_lo, at::
 }  // namespace frugal
 }  // namespace leanops
 
-TORCH_LIBRARY_IMPL(leanops, CPU, m) { m.impl("frugal_split_step_", &leanops::frugal::frugal_split_step_cpu); }
+TORCH_LIBRARY_IMPL(leanops, CPU, m) {
+  m.impl("frugal_split_step_", &leanops::frugal::split_step<leanops::frugal::run_cpu>);
+}

@@ -1,17 +1,18 @@
 // CPU kernels of the MCF ops: a blocked, multi-threaded loop over contiguous memory (at::parallel_for), compiled
-// twice on x86-64 (baseline SSE2, and AVX2 + FMA, chosen at run time) since the rounding to bfloat16/float16 after
-// every operation makes these loops compute-bound on a CPU: AVX2 halves their time.
+// twice on x86-64 (baseline SSE2, and AVX2 + FMA, chosen at run time: leanops/vector_cpu.h's run_cloned) since the
+// rounding to bfloat16/float16 after every operation makes these loops compute-bound on a CPU: AVX2 halves their time.
 #include <ATen/Parallel.h>
 
 #include "leanops/mcf_host.h"
+#include "leanops/vector_cpu.h"
 
 namespace leanops {
 namespace mcf {
 namespace {
 
 template <bool AnyBroadcast, typename Op, typename InT, typename OutT, int NumIn, int NumOut>
-inline __attribute__((always_inline)) void run_range_body(const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem,
-                                                         Op op, int64_t begin, int64_t end) {
+LEANOPS_INLINE void run_range_body(const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem, Op op, int64_t begin,
+                                   int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float in[NumIn];
     float out[NumOut];
@@ -25,36 +26,19 @@ inline __attribute__((always_inline)) void run_range_body(const ElementwiseProbl
   }
 }
 
+// Elements [begin, end) of one problem, compiled twice (cpu_vector::run_cloned).
 template <bool AnyBroadcast, typename Op, typename InT, typename OutT, int NumIn, int NumOut>
-void run_range_baseline(const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem, Op op, int64_t begin,
-                        int64_t end) {
-  run_range_body<AnyBroadcast>(problem, op, begin, end);
-}
+struct RangeLoop {
+  const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem;
+  Op op;
+  int64_t begin, end;
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LEANOPS_HAVE_AVX2_CLONE 1
-// -ffp-contract=off still holds here: the FMA instructions appear only where eft.h asks for one (std::fma).
-template <bool AnyBroadcast, typename Op, typename InT, typename OutT, int NumIn, int NumOut>
-__attribute__((target("avx2,fma"))) void run_range_avx2(const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem,
-                                                         Op op, int64_t begin, int64_t end) {
-  run_range_body<AnyBroadcast>(problem, op, begin, end);
-}
-
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
+  LEANOPS_INLINE void operator()() const { run_range_body<AnyBroadcast>(problem, op, begin, end); }
+};
 
 template <bool AnyBroadcast, typename Op, typename InT, typename OutT, int NumIn, int NumOut>
 void run_range(const ElementwiseProblem<InT, OutT, NumIn, NumOut>& problem, Op op, int64_t begin, int64_t end) {
-#ifdef LEANOPS_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) {
-    run_range_avx2<AnyBroadcast>(problem, op, begin, end);
-    return;
-  }
-#endif
-  run_range_baseline<AnyBroadcast>(problem, op, begin, end);
+  cpu_vector::run_cloned(RangeLoop<AnyBroadcast, Op, InT, OutT, NumIn, NumOut>{problem, op, begin, end});
 }
 
 struct CpuLauncher {

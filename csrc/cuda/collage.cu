@@ -1,5 +1,5 @@
 // CUDA kernel of Collage AdamW's fused multi-tensor step (leanops::collage_adamw_step_; the math and the oracle are in
-// python/leanops/reference/collage.py, the per-element step in leanops/collage_step.h).
+// python/leanops/reference/collage.py, the per-element step in leanops/collage.h).
 //
 // One launch serves every tensor of the lists. The host cuts each tensor into chunks of kChunk elements and writes
 // a table, one 64-byte entry per non-empty tensor (its six operand pointers, its size, the global index of its first
@@ -26,9 +26,10 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
-#include "leanops/collage_step.h"
+#include "leanops/collage_host.h"
 #include "leanops/multi_tensor_cuda.cuh"
 
 namespace leanops {
@@ -266,13 +267,12 @@ void collage_adamw_step_cuda(at::TensorList params, at::TensorList params_lo, at
   if (with_metrics) partials = at::empty({num_chunks * kMetricSlots}, params[0].options().dtype(at::kDouble));
   double* partials_pointer = with_metrics ? partials.mutable_data_ptr<double>() : nullptr;
 
-  const bool bfloat16 = params[0].scalar_type() == at::kBFloat16;
-  const Scalars scalars = bfloat16 ? make_scalars<c10::BFloat16>(lr, beta1, beta2, eps, weight_decay,
-                                                                 bias_correction1, bias_correction2)
-                                   : make_scalars<c10::Half>(lr, beta1, beta2, eps, weight_decay, bias_correction1,
+  dispatch_storage(params[0].scalar_type(), [&](auto format, auto storage) {
+    // The device-side storage of the format (raw 16-bit words).
+    using Storage =
+        std::conditional_t<std::is_same_v<decltype(format), eft::BFloat16Format>, BFloat16Storage, Float16Storage>;
+    const Scalars scalars = make_scalars<decltype(storage)>(lr, beta1, beta2, eps, weight_decay, bias_correction1,
                                                              bias_correction2);
-  auto launch = [&](auto storage) {
-    using Storage = decltype(storage);
     if (plus && with_metrics) launch_step<Storage, true, true>(table_pointer, num_tensors, num_chunks, scalars,
                                                                partials_pointer, device.index(), stream);
     if (plus && !with_metrics) launch_step<Storage, true, false>(table_pointer, num_tensors, num_chunks, scalars,
@@ -281,12 +281,7 @@ void collage_adamw_step_cuda(at::TensorList params, at::TensorList params_lo, at
                                                                  partials_pointer, device.index(), stream);
     if (!plus && !with_metrics) launch_step<Storage, false, false>(table_pointer, num_tensors, num_chunks, scalars,
                                                                    partials_pointer, device.index(), stream);
-  };
-  if (bfloat16) {
-    launch(BFloat16Storage{});
-  } else {
-    launch(Float16Storage{});
-  }
+  });
   if (with_metrics) {
     add_metrics_kernel<<<1, kThreads, 0, stream>>>(partials_pointer, num_chunks, static_cast<double>(count),
                                                    metrics->mutable_data_ptr<double>(), metrics->stride(0));

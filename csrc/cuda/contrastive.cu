@@ -21,7 +21,9 @@
 // float32 features. Both paths sum each 32-dimension chunk into a fresh partial and add the partials with float32
 // adds, which confines the tensor cores' internal accumulation (not round-to-nearest on every add) to one chunk and
 // makes S at least as accurate as a plain float32 dot product. The "epilogue" then runs over the tile in shared
-// memory; every statistic accumulates in float32. B = 0 returns empty outputs (zero scalars) without a launch.
+// memory; every statistic accumulates in float32. B = 0 returns empty outputs (zero scalars) without a launch. The
+// staging, the tile product and the epilogue's line reductions are leanops/tile_cuda.cuh's, shared with
+// csrc/cuda/cross_entropy.cu.
 //
 //   clip_forward   one kernel over row blocks; a CTA sweeps every column block, keeping each row's running max
 //                  and sum of exponentials, and from the same tile each column's max and sum over the tile's 64 rows.
@@ -60,47 +62,29 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <tuple>
 #include <type_traits>
 
 #include "leanops/contrastive_host.h"
+#include "leanops/tile_cuda.cuh"
 
 namespace leanops {
 namespace contrastive {
 namespace {
 
-constexpr int kBlock = 64;    // rows (image) and columns (text) of one S tile
-constexpr int kChunk = 32;    // feature dimensions staged in shared memory per step
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// Epilogue layout: 4 consecutive threads share one line (a row, or a column) of the tile, 16 entries each, and
-// combine their partial results with two warp shuffles.
-constexpr int kLanesPerLine = kThreads / kBlock;
-constexpr int kEntriesPerLane = kBlock / kLanesPerLine;
-// Leading dimension of the float32 tile: a multiple of 4 (16 bytes), as WMMA's store needs.
-constexpr int kTileStride = kBlock + 4;
+using namespace cuda_tile;  // NOLINT: the kernels are written in its vocabulary (kBlock: rows and columns of S)
+
+constexpr int kChunk = 32;  // feature dimensions staged in shared memory per step
 // Resident CTAs per multiprocessor the tile kernels are compiled for (at most 128 registers per thread; without the
 // hint ptxas chose 64 registers and spilled in clip_forward). clip_forward launches exactly this many CTAs per
 // multiprocessor (one wave), each owning one row of the column-partial workspace.
 constexpr int kCtasPerMultiprocessor = 2;
-constexpr float kInfinity = std::numeric_limits<float>::infinity();
+// Leading dimension (in elements) of a staged feature chunk: 40 elements = 80 bytes per row for 16-bit features.
+template <typename T>
+constexpr int kStageStride = Staging<T, kChunk>::kStride;
 
 static_assert(kChunk == 32, "the tile products give each lane of a warp one feature dimension of the chunk");
-static_assert(kLanesPerLine == 4 && kEntriesPerLane == 16, "line_sum / line_max combine 4 lanes");
 static_assert(kBlock % kWarps == 0, "the tile products give each warp kBlock / kWarps output rows");
-
-// Leading dimension (in elements) of a staged feature chunk [kBlock][kChunk].
-template <typename T>
-struct Staging {
-  // 16-bit features: WMMA loads need a multiple of 8 elements (16 bytes); 40 elements = 80 bytes per row.
-  static constexpr int kStride = kChunk + 8;
-};
-template <>
-struct Staging<float> {
-  // float32 features: an odd stride, so the SIMT loop's reads down a column of the chunk hit 16 different banks.
-  static constexpr int kStride = kChunk + 1;
-};
 
 // Everything a CTA keeps in shared memory (static: 35.6 KB for float32 features, 28.9 KB for 16-bit ones).
 template <typename T>
@@ -109,8 +93,8 @@ struct SharedStorage {
   alignas(32) float tile[kBlock][kTileStride];
   // Staged feature chunks: the tile's image rows and text rows while S is computed; stage_a also holds the
   // other side's feature chunk during the tile product.
-  alignas(32) T stage_a[kBlock][Staging<T>::kStride];
-  alignas(32) T stage_b[kBlock][Staging<T>::kStride];
+  alignas(32) T stage_a[kBlock][kStageStride<T>];
+  alignas(32) T stage_b[kBlock][kStageStride<T>];
   // Per-index operands of the tile's "other" side (its columns in a row kernel, its rows in a column kernel).
   float other_scale[kBlock];
   float other_lse[kBlock];
@@ -119,52 +103,7 @@ struct SharedStorage {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Scalar helpers.
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T zero_value();
-template <>
-__device__ __forceinline__ float zero_value<float>() {
-  return 0.0f;
-}
-template <>
-__device__ __forceinline__ __half zero_value<__half>() {
-  return __ushort_as_half(static_cast<unsigned short>(0));
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(0));
-}
-
-// max(a, b), but NaN when either is NaN: fmaxf would drop a NaN logit, and a NaN input must reach the output.
-__device__ __forceinline__ float max_with_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-
-// The sum (max) over the 4 lanes of a line, returned to all 4; every lane of the warp must call it. Each lane adds
-// the same two pairs, so all 4 get bitwise the same value.
-__device__ __forceinline__ float line_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
-}
-__device__ __forceinline__ float line_max(float v) {
-  v = max_with_nan(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  v = max_with_nan(v, __shfl_xor_sync(0xffffffffu, v, 2));
-  return v;
-}
-
-// A set of logits as (max, sum of exp(logit - max)); max = -inf is the empty set. Merges b into a.
-__device__ __forceinline__ void merge_lse(float& max_a, float& sum_a, float max_b, float sum_b) {
-  const float merged_max = max_with_nan(max_a, max_b);
-  if (merged_max == -kInfinity) return;  // both empty (exp(-inf - -inf) would be NaN)
-  const float part_a = max_a == -kInfinity ? 0.0f : sum_a * expf(max_a - merged_max);
-  const float part_b = max_b == -kInfinity ? 0.0f : sum_b * expf(max_b - merged_max);
-  sum_a = part_a + part_b;
-  max_a = merged_max;
-}
+// Scalar helpers (and leanops/tile_cuda.cuh's).
 
 // softplus(t) = log(1 + e^t) = max(t, 0) + log1p(e^-|t|): no overflow for large t, full accuracy for very negative t.
 __device__ __forceinline__ float softplus(float t) { return fmaxf(t, 0.0f) + log1pf(expf(-fabsf(t))); }
@@ -179,151 +118,20 @@ __device__ __forceinline__ float sigmoid(float u) {
 // ---------------------------------------------------------------------------------------------------------------
 // Tile building blocks. Every function below is called by all threads of the CTA (they contain __syncthreads).
 
-template <typename T, int N>
-struct alignas(16) Vector {
-  T value[N];
-};
-
-// dst[r][k] = src[first_row + r][first_col + k] for r < kBlock, k < kChunk; zero past `batch` rows and `dim` columns.
-// `vectorized`: dim is a multiple of the 16-byte vector and src is 16-byte aligned, so a vector lies entirely
-// inside or entirely outside [0, dim) and can be read with one 16-byte load.
-template <typename T, int kStride>
-__device__ __forceinline__ void load_chunk(T (&dst)[kBlock][kStride], const T* __restrict__ src, int64_t first_row,
-                                           int64_t batch, int64_t dim, int64_t first_col, bool vectorized) {
-  if (vectorized) {
-    constexpr int kVector = 16 / static_cast<int>(sizeof(T));
-    constexpr int kVectorsPerRow = kChunk / kVector;
-    for (int v = threadIdx.x; v < kBlock * kVectorsPerRow; v += kThreads) {
-      const int r = v / kVectorsPerRow;
-      const int k = (v % kVectorsPerRow) * kVector;
-      const int64_t row = first_row + r;
-      const int64_t col = first_col + k;
-      Vector<T, kVector> vector;
-      if (row < batch && col < dim) {
-        vector = *reinterpret_cast<const Vector<T, kVector>*>(src + row * dim + col);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVector; ++e) vector.value[e] = zero_value<T>();
-      }
-#pragma unroll
-      for (int e = 0; e < kVector; ++e) dst[r][k + e] = vector.value[e];
-    }
-  } else {
-    // Consecutive threads read consecutive columns of a row: coalesced within a row.
-    for (int v = threadIdx.x; v < kBlock * kChunk; v += kThreads) {
-      const int r = v / kChunk;
-      const int k = v % kChunk;
-      const int64_t row = first_row + r;
-      const int64_t col = first_col + k;
-      dst[r][k] = (row < batch && col < dim) ? src[row * dim + col] : zero_value<T>();
-    }
-  }
-}
-
 // s.tile[r][c] = <image[row0 + r], text[col0 + c]> for the 64 x 64 tile (0 where the row or column is past B).
 // Ends with a barrier: the tile (and whatever else was written to shared memory before the call) is visible to all.
 template <typename T>
 __device__ void similarity_tile(SharedStorage<T>& s, const T* __restrict__ image, const T* __restrict__ text,
                                 int64_t row0, int64_t col0, int64_t batch, int64_t dim, bool vectorized) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr bool kTensorCores = !std::is_same_v<T, float>;  // bfloat16 WMMA needs sm_80
-#else
-  constexpr bool kTensorCores = false;
-#endif
-  if constexpr (kTensorCores) {
-    namespace wmma = nvcuda::wmma;
-    // 8 warps over 4 x 4 sub-tiles of 16 x 16: warp w takes sub-tile row w / 2 and two sub-tile columns.
-    const int warp = threadIdx.x / 32;
-    const int sub_row = (warp / 2) * 16;
-    const int sub_col = (warp % 2) * 32;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator[2];
-    wmma::fill_fragment(accumulator[0], 0.0f);
-    wmma::fill_fragment(accumulator[1], 0.0f);
-    for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
-      load_chunk(s.stage_a, image, row0, batch, dim, k0, vectorized);
-      load_chunk(s.stage_b, text, col0, batch, dim, k0, vectorized);
-      __syncthreads();
-      // Each chunk sums into fresh fragments, added to the totals with float32 adds (see the SIMT path below).
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> chunk[2];
-      wmma::fill_fragment(chunk[0], 0.0f);
-      wmma::fill_fragment(chunk[1], 0.0f);
-#pragma unroll
-      for (int k = 0; k < kChunk; k += 16) {
-        // A = image rows (row-major M x K); B = text^T, which is the staged text rows read column-major (K x N).
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &s.stage_a[sub_row][k], Staging<T>::kStride);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-          wmma::load_matrix_sync(b, &s.stage_b[sub_col + 16 * j][k], Staging<T>::kStride);
-          wmma::mma_sync(chunk[j], a, b, chunk[j]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        // Fragments of one type share their element layout, so elementwise adds are well defined.
-#pragma unroll
-        for (int e = 0; e < chunk[j].num_elements; ++e) accumulator[j].x[e] += chunk[j].x[e];
-      }
-      __syncthreads();  // before the next chunk overwrites the stages
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(&s.tile[sub_row][sub_col + 16 * j], accumulator[j], kTileStride, wmma::mem_row_major);
-    }
-  } else {
-    // Thread (ty, tx) computes rows ty + 16 i and columns tx + 16 j, i, j < 4. Within a warp ty takes 2 values
-    // (broadcast reads of stage_a) and tx 16 (conflict-free reads of stage_b down its odd stride).
-    const int tx = threadIdx.x % 16;
-    const int ty = threadIdx.x / 16;
-    float accumulator[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) accumulator[i][j] = 0.0f;
-    }
-    for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
-      load_chunk(s.stage_a, image, row0, batch, dim, k0, vectorized);
-      load_chunk(s.stage_b, text, col0, batch, dim, k0, vectorized);
-      __syncthreads();
-      // Two-level summation: 32 products into a fresh partial, then the partial into the total. Rounding errors
-      // then grow with D / 32 + 32 rather than D, so S is more accurate than a plain dot product (cuBLAS, MKL);
-      // the tests hold the kernels to within 2x of plain float32 PyTorch where S is ill-conditioned. Explicit
-      // fmaf: the project builds with --fmad=false (for the exact MCF arithmetic), which only stops the compiler
-      // from contracting; a fused multiply-add here halves the instructions and rounds once instead of twice.
-      float chunk[4][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) chunk[i][j] = 0.0f;
-      }
-#pragma unroll 8
-      for (int k = 0; k < kChunk; ++k) {
-        float a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a[i] = to_float(s.stage_a[ty + 16 * i][k]);
-          b[i] = to_float(s.stage_b[tx + 16 * i][k]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) chunk[i][j] = fmaf(a[i], b[j], chunk[i][j]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) accumulator[i][j] += chunk[i][j];
-      }
-      __syncthreads();  // before the next chunk overwrites the stages
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s.tile[ty + 16 * i][tx + 16 * j] = accumulator[i][j];
-    }
+  TileProduct<T> product;
+  for (int64_t k0 = 0; k0 < dim; k0 += kChunk) {
+    load_chunk<kChunk>(s.stage_a, image, row0, batch, dim, k0, vectorized);
+    load_chunk<kChunk>(s.stage_b, text, col0, batch, dim, k0, vectorized);
+    __syncthreads();
+    product.template add<kChunk>(s.stage_a, s.stage_b);
+    __syncthreads();  // before the next chunk overwrites the stages
   }
+  product.store(s.tile);
   __syncthreads();
 }
 
@@ -340,7 +148,7 @@ __device__ void accumulate_tile_product(SharedStorage<T>& s, const T* __restrict
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
-    load_chunk(s.stage_a, features, other0, batch, dim, d0, vectorized);
+    load_chunk<kChunk>(s.stage_a, features, other0, batch, dim, d0, vectorized);
     __syncthreads();
     float accumulator[kLinesPerWarp];
 #pragma unroll
@@ -362,6 +170,39 @@ __device__ void accumulate_tile_product(SharedStorage<T>& s, const T* __restrict
       if (own < batch && d < dim) out[own * dim + d] += alpha * accumulator[a];
     }
     __syncthreads();  // before the next chunk (or the next tile) overwrites stage_a
+  }
+}
+
+// The sweep of a backward kernel (clip_backward, siglip_backward): the CTA owns one block of lines of S (rows in the
+// row kernel, kColumnSide = false; columns in the column kernel) and sweeps the blocks of the other side. For each,
+// stage(other, valid) puts the other side's operands of entry other = other0 + threadIdx.x into shared memory (threads
+// 0..63; valid: other < B); then S's tile is computed; each thread replaces its 16 entries e of its own line (the
+// epilogue layout) by their gradient weights, weight(similarity, e, valid), which must be 0 where not valid (valid:
+// both the own and the other index < B); and the tile product adds alpha times the weights times the other side's
+// features to the CTA's own rows of grad_out.
+template <typename T, bool kColumnSide, typename Stage, typename Weight>
+__device__ __forceinline__ void backward_sweep(SharedStorage<T>& s, const T* __restrict__ image,
+                                               const T* __restrict__ text, int64_t batch, int64_t dim, bool vectorized,
+                                               float* __restrict__ grad_out, float alpha, Stage stage, Weight weight) {
+  const OwnLine own = own_line(batch);
+  for (int64_t other0 = 0; other0 < batch; other0 += kBlock) {
+    __syncthreads();  // every thread is done with the previous tile and its operands
+    if (threadIdx.x < kBlock) {
+      const int64_t other = other0 + threadIdx.x;
+      stage(other, other < batch);
+    }
+    const int64_t row0 = kColumnSide ? other0 : own.first;
+    const int64_t col0 = kColumnSide ? own.first : other0;
+    similarity_tile(s, image, text, row0, col0, batch, dim, vectorized);
+#pragma unroll 4
+    for (int j = 0; j < kEntriesPerLane; ++j) {
+      const int e = own.lane + kLanesPerLine * j;
+      float& cell = kColumnSide ? s.tile[e][own.line] : s.tile[own.line][e];
+      cell = weight(cell, e, own.valid && other0 + e < batch);
+    }
+    __syncthreads();  // the weights complete
+    accumulate_tile_product<T, kColumnSide>(s, kColumnSide ? image : text, other0, grad_out, own.first, batch, dim,
+                                            alpha, vectorized);
   }
 }
 
@@ -403,23 +244,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
       // This thread's row: (max, sum) of s[row] S[row, col] over the tile's valid columns, merged into the row's.
       {
         float logits[kEntriesPerLane];
-        float tile_max = -kInfinity;
 #pragma unroll
         for (int j = 0; j < kEntriesPerLane; ++j) {
-          const int c = lane_in_line + kLanesPerLine * j;
-          logits[j] = row_scale * s.tile[line][c];
-          if (col0 + c < batch) tile_max = max_with_nan(tile_max, logits[j]);
+          logits[j] = row_scale * s.tile[line][lane_in_line + kLanesPerLine * j];
         }
-        tile_max = line_max(tile_max);
-        float tile_sum = 0.0f;
-        if (tile_max != -kInfinity) {
-#pragma unroll
-          for (int j = 0; j < kEntriesPerLane; ++j) {
-            const int c = lane_in_line + kLanesPerLine * j;
-            if (col0 + c < batch) tile_sum += expf(logits[j] - tile_max);
-          }
-        }
-        tile_sum = line_sum(tile_sum);
+        float tile_max, tile_sum;
+        line_lse(logits, lane_in_line, col0, batch, tile_max, tile_sum);
         merge_lse(row_max, row_sum, tile_max, tile_sum);
       }
 
@@ -430,23 +260,12 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
         const int64_t col = col0 + c;
         const float col_scale = s.other_scale[c];
         float logits[kEntriesPerLane];
-        float tile_max = -kInfinity;
 #pragma unroll
         for (int j = 0; j < kEntriesPerLane; ++j) {
-          const int r = lane_in_line + kLanesPerLine * j;
-          logits[j] = col_scale * s.tile[r][c];
-          if (row0 + r < batch) tile_max = max_with_nan(tile_max, logits[j]);
+          logits[j] = col_scale * s.tile[lane_in_line + kLanesPerLine * j][c];
         }
-        tile_max = line_max(tile_max);
-        float tile_sum = 0.0f;
-        if (tile_max != -kInfinity) {
-#pragma unroll
-          for (int j = 0; j < kEntriesPerLane; ++j) {
-            const int r = lane_in_line + kLanesPerLine * j;
-            if (row0 + r < batch) tile_sum += expf(logits[j] - tile_max);
-          }
-        }
-        tile_sum = line_sum(tile_sum);
+        float tile_max, tile_sum;
+        line_lse(logits, lane_in_line, row0, batch, tile_max, tile_sum);
         if (lane_in_line == 0 && col < batch) {
           if (first_row_block) {
             slot_max[col] = tile_max;
@@ -494,48 +313,27 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
   const float* const own_weight = kColumnSide ? col_weight : row_weight;
   const float* const other_lse = kColumnSide ? row_lse : col_lse;
   const float* const other_weight = kColumnSide ? row_weight : col_weight;
-  const int line = threadIdx.x / kLanesPerLine;
-  const int lane_in_line = threadIdx.x % kLanesPerLine;
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kBlock;
-  const int64_t own = own0 + line;
-  const bool own_valid = own < batch;
+  const auto [line, lane_in_line, own0, own, own_valid] = own_line(batch);
   const float own_scale = own_valid ? scale[own] : 0.0f;
   const float own_lse_value = own_valid ? own_lse[own] : 0.0f;
   const float own_coefficient = own_valid ? own_weight[own] * own_scale : 0.0f;
   // sum over the other side of (own side's softmax) * S: sum_j p[i, j] S[i, j] (rows), sum_i q[i, j] S[i, j] (cols)
   float own_total = 0.0f;
-
-  for (int64_t other0 = 0; other0 < batch; other0 += kBlock) {
-    __syncthreads();  // every thread is done with the previous tile and its operands
-    if (threadIdx.x < kBlock) {
-      const int64_t other = other0 + threadIdx.x;
-      const bool valid = other < batch;
-      const float other_scale = valid ? scale[other] : 0.0f;
-      s.other_scale[threadIdx.x] = other_scale;
-      s.other_lse[threadIdx.x] = valid ? other_lse[other] : 0.0f;
-      s.other_coefficient[threadIdx.x] = valid ? other_weight[other] * other_scale : 0.0f;
-    }
-    const int64_t row0 = kColumnSide ? other0 : own0;
-    const int64_t col0 = kColumnSide ? own0 : other0;
-    similarity_tile(s, image, text, row0, col0, batch, dim, vectorized);
-
-    // G in place of S. own_probability is p in the row kernel and q in the column kernel; other_probability the
-    // other one, so G = own_coefficient own_probability + other_coefficient other_probability in both.
-#pragma unroll 4
-    for (int j = 0; j < kEntriesPerLane; ++j) {
-      const int e = lane_in_line + kLanesPerLine * j;
-      float& cell = kColumnSide ? s.tile[e][line] : s.tile[line][e];
-      const float similarity = cell;
-      const float own_probability = expf(own_scale * similarity - own_lse_value);
-      const float other_probability = expf(s.other_scale[e] * similarity - s.other_lse[e]);
-      const bool valid = own_valid && other0 + e < batch;
-      cell = valid ? own_coefficient * own_probability + s.other_coefficient[e] * other_probability : 0.0f;
-      own_total += valid ? own_probability * similarity : 0.0f;
-    }
-    __syncthreads();  // G complete
-    accumulate_tile_product<T, kColumnSide>(s, kColumnSide ? image : text, other0, grad_out, own0, batch, dim, 1.0f,
-                                            vectorized);
-  }
+  const auto stage = [&](int64_t other, bool valid) {
+    const float other_scale = valid ? scale[other] : 0.0f;
+    s.other_scale[threadIdx.x] = other_scale;
+    s.other_lse[threadIdx.x] = valid ? other_lse[other] : 0.0f;
+    s.other_coefficient[threadIdx.x] = valid ? other_weight[other] * other_scale : 0.0f;
+  };
+  // G in place of S. own_probability is p in the row kernel and q in the column kernel; other_probability the other
+  // one, so G = own_coefficient own_probability + other_coefficient other_probability in both.
+  const auto gradient_weight = [&](float similarity, int e, bool valid) {
+    const float own_probability = expf(own_scale * similarity - own_lse_value);
+    const float other_probability = expf(s.other_scale[e] * similarity - s.other_lse[e]);
+    own_total += valid ? own_probability * similarity : 0.0f;
+    return valid ? own_coefficient * own_probability + s.other_coefficient[e] * other_probability : 0.0f;
+  };
+  backward_sweep<T, kColumnSide>(s, image, text, batch, dim, vectorized, grad_out, 1.0f, stage, gradient_weight);
   own_total = line_sum(own_total);
   if (lane_in_line == 0 && own_valid) {
     const float part = own_weight[own] * own_total;
@@ -556,11 +354,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
   __shared__ SharedStorage<T> s;
   const float scale_value = *scale;  // read on the device: no host synchronisation
   const float bias_value = *bias;
-  const int line = threadIdx.x / kLanesPerLine;
-  const int lane_in_line = threadIdx.x % kLanesPerLine;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBlock;
-  const int64_t row = row0 + line;
-  const bool row_valid = row < batch;
+  const auto [line, lane_in_line, row0, row, row_valid] = own_line(batch);
   const int64_t row_group = row_valid ? groups[row] : 0;
   float total = 0.0f;
 
@@ -594,49 +388,30 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
   __shared__ SharedStorage<T> s;
   const float scale_value = *scale;
   const float bias_value = *bias;
-  const int line = threadIdx.x / kLanesPerLine;
-  const int lane_in_line = threadIdx.x % kLanesPerLine;
-  const int64_t own0 = static_cast<int64_t>(blockIdx.x) * kBlock;
-  const int64_t own = own0 + line;
-  const bool own_valid = own < batch;
+  const auto [line, lane_in_line, own0, own, own_valid] = own_line(batch);
   const int64_t own_group = own_valid ? groups[own] : 0;
   // D carries the row's weight: the own row's in the row kernel, the other side's (staged) in the column kernel.
   const float own_weight = (!kColumnSide && own_valid) ? row_weight[own] : 0.0f;
   float d_total = 0.0f;
   float ds_total = 0.0f;
-
-  for (int64_t other0 = 0; other0 < batch; other0 += kBlock) {
-    __syncthreads();
-    if (threadIdx.x < kBlock) {
-      const int64_t other = other0 + threadIdx.x;
-      const bool valid = other < batch;
-      s.other_group[threadIdx.x] = valid ? groups[other] : 0;
-      s.other_coefficient[threadIdx.x] = (kColumnSide && valid) ? row_weight[other] : 0.0f;
+  const auto stage = [&](int64_t other, bool valid) {
+    s.other_group[threadIdx.x] = valid ? groups[other] : 0;
+    s.other_coefficient[threadIdx.x] = (kColumnSide && valid) ? row_weight[other] : 0.0f;
+  };
+  const auto gradient_weight = [&](float similarity, int e, bool valid) {
+    const float z = scale_value * similarity + bias_value;
+    const bool positive = s.other_group[e] == own_group;  // label = +1
+    const float weight = kColumnSide ? s.other_coefficient[e] : own_weight;
+    // label +1: D = -w sigmoid(-z); label -1: D = +w sigmoid(z).
+    const float d = positive ? -weight * sigmoid(-z) : weight * sigmoid(z);
+    if (!kColumnSide) {
+      d_total += valid ? d : 0.0f;
+      ds_total += valid ? d * similarity : 0.0f;
     }
-    const int64_t row0 = kColumnSide ? other0 : own0;
-    const int64_t col0 = kColumnSide ? own0 : other0;
-    similarity_tile(s, image, text, row0, col0, batch, dim, vectorized);
-#pragma unroll 4
-    for (int j = 0; j < kEntriesPerLane; ++j) {
-      const int e = lane_in_line + kLanesPerLine * j;
-      float& cell = kColumnSide ? s.tile[e][line] : s.tile[line][e];
-      const float similarity = cell;
-      const float z = scale_value * similarity + bias_value;
-      const bool positive = s.other_group[e] == own_group;  // label = +1
-      const float weight = kColumnSide ? s.other_coefficient[e] : own_weight;
-      // label +1: D = -w sigmoid(-z); label -1: D = +w sigmoid(z).
-      const float d = positive ? -weight * sigmoid(-z) : weight * sigmoid(z);
-      const bool valid = own_valid && other0 + e < batch;
-      cell = valid ? d : 0.0f;
-      if (!kColumnSide) {
-        d_total += valid ? d : 0.0f;
-        ds_total += valid ? d * similarity : 0.0f;
-      }
-    }
-    __syncthreads();  // D complete
-    accumulate_tile_product<T, kColumnSide>(s, kColumnSide ? image : text, other0, grad_out, own0, batch, dim,
-                                            scale_value, vectorized);
-  }
+    return valid ? d : 0.0f;
+  };
+  backward_sweep<T, kColumnSide>(s, image, text, batch, dim, vectorized, grad_out, scale_value, stage,
+                                 gradient_weight);
   if (!kColumnSide) {
     d_total = line_sum(d_total);
     ds_total = line_sum(ds_total);
@@ -650,68 +425,20 @@ __global__ void __launch_bounds__(kThreads, kCtasPerMultiprocessor)
 // ---------------------------------------------------------------------------------------------------------------
 // Host side.
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) with the CUDA element type of the features (the dtype was checked before).
-template <typename Fn>
-void dispatch_features(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      fn(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      fn(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "leanops contrastive CUDA kernels: unsupported feature dtype ", dtype_name(dtype));
-  }
-}
-
-template <typename T>
-const T* features_data(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
-}
-
-// Both feature matrices can be read in 16-byte vectors (see load_chunk).
-template <typename T>
-bool can_vectorize(const at::Tensor& image, const at::Tensor& text, int64_t dim) {
-  constexpr int64_t kVector = 16 / static_cast<int64_t>(sizeof(T));
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-  return dim % kVector == 0 && aligned(image) && aligned(text);
-}
-
-void check_on_cuda(const char* op, const at::Tensor& image) {
-  TORCH_CHECK_VALUE(image.is_cuda(), "leanops.", op, ": argument 'image' is on ", image.device(),
-                    "; the CUDA kernels need CUDA tensors");
-}
-
-int64_t num_blocks(int64_t batch) { return (batch + kBlock - 1) / kBlock; }
-
-unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), "leanops contrastive CUDA kernels: batch too large");
-  return static_cast<unsigned>(blocks);
-}
+constexpr const char* kKernels = "leanops contrastive CUDA kernels";
+constexpr const char* kUnsupported = "leanops contrastive CUDA kernels: unsupported feature dtype ";
 
 std::tuple<at::Tensor, at::Tensor> clip_forward_cuda(const at::Tensor& image, const at::Tensor& text,
                                                      const at::Tensor& scale) {
   check_clip_forward(image, text, scale);
-  check_on_cuda("clip_forward", image);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const c10::cuda::CUDAGuard guard = device_guard("clip_forward", "image", image);
   const int64_t batch = image.size(0);
   const int64_t dim = image.size(1);
   const at::TensorOptions options = image.options().dtype(at::kFloat);
   at::Tensor row_lse = at::empty({batch}, options);
   at::Tensor col_lse = at::empty({batch}, options);
   if (batch == 0) return {row_lse, col_lse};
-  const at::Tensor x = image.contiguous();
-  const at::Tensor y = text.contiguous();
-  const at::Tensor scale_contiguous = scale.contiguous();
+  const auto [x, y, scale_c] = contiguous(image, text, scale);
   const int64_t blocks = num_blocks(batch);
   int multiprocessors = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, image.device().index()));
@@ -720,14 +447,14 @@ std::tuple<at::Tensor, at::Tensor> clip_forward_cuda(const at::Tensor& image, co
   float* const partial_max = partial.mutable_data_ptr<float>();
   float* const partial_sum = partial_max + slots * batch;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_features(x.scalar_type(), [&](auto tag) {
+  dispatch_features(x.scalar_type(), kUnsupported, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    clip_forward_kernel<T><<<grid_size(slots), kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale_contiguous.const_data_ptr<float>(), batch, dim,
-        can_vectorize<T>(x, y, dim), row_lse.mutable_data_ptr<float>(), partial_max, partial_sum);
+    clip_forward_kernel<T><<<grid_size(slots, kKernels, "batch"), kThreads, 0, stream>>>(
+        data_of<T>(x), data_of<T>(y), scale_c.const_data_ptr<float>(), batch, dim, can_vectorize<T>(x, y, dim),
+        row_lse.mutable_data_ptr<float>(), partial_max, partial_sum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  clip_column_lse_kernel<<<grid_size((batch + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  clip_column_lse_kernel<<<grid_size((batch + kThreads - 1) / kThreads, kKernels, "batch"), kThreads, 0, stream>>>(
       partial_max, partial_sum, slots, batch, col_lse.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {row_lse, col_lse};
@@ -739,8 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward_cuda(const at::Tens
                                                                   const at::Tensor& row_weight,
                                                                   const at::Tensor& col_weight) {
   check_clip_backward(image, text, scale, row_lse, col_lse, row_weight, col_weight);
-  check_on_cuda("clip_backward", image);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const c10::cuda::CUDAGuard guard = device_guard("clip_backward", "image", image);
   const int64_t batch = image.size(0);
   const int64_t dim = image.size(1);
   const at::TensorOptions options = image.options().dtype(at::kFloat);
@@ -749,31 +475,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward_cuda(const at::Tens
   at::Tensor grad_text = at::zeros({batch, dim}, options);
   at::Tensor grad_scale = at::empty({batch}, options);
   if (batch == 0) return {grad_image, grad_text, grad_scale};
-  const at::Tensor x = image.contiguous();
-  const at::Tensor y = text.contiguous();
-  const at::Tensor scale_c = scale.contiguous();
-  const at::Tensor row_lse_c = row_lse.contiguous();
-  const at::Tensor col_lse_c = col_lse.contiguous();
-  const at::Tensor row_weight_c = row_weight.contiguous();
-  const at::Tensor col_weight_c = col_weight.contiguous();
-  const unsigned grid = grid_size(num_blocks(batch));
+  const auto [x, y, scale_c, row_lse_c, col_lse_c, row_weight_c, col_weight_c] =
+      contiguous(image, text, scale, row_lse, col_lse, row_weight, col_weight);
+  const unsigned grid = grid_size(num_blocks(batch), kKernels, "batch");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_features(x.scalar_type(), [&](auto tag) {
+  dispatch_features(x.scalar_type(), kUnsupported, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool vectorized = can_vectorize<T>(x, y, dim);
     // The row kernel writes grad_scale; the column kernel, after it on the same stream, adds to it.
-    clip_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale_c.const_data_ptr<float>(), row_lse_c.const_data_ptr<float>(),
-        col_lse_c.const_data_ptr<float>(), row_weight_c.const_data_ptr<float>(),
-        col_weight_c.const_data_ptr<float>(), batch, dim, vectorized, grad_image.mutable_data_ptr<float>(),
-        grad_scale.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    clip_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale_c.const_data_ptr<float>(), row_lse_c.const_data_ptr<float>(),
-        col_lse_c.const_data_ptr<float>(), row_weight_c.const_data_ptr<float>(),
-        col_weight_c.const_data_ptr<float>(), batch, dim, vectorized, grad_text.mutable_data_ptr<float>(),
-        grad_scale.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto launch = [&](auto column_side, at::Tensor& grad_out) {
+      clip_backward_kernel<T, decltype(column_side)::value><<<grid, kThreads, 0, stream>>>(
+          data_of<T>(x), data_of<T>(y), scale_c.const_data_ptr<float>(), row_lse_c.const_data_ptr<float>(),
+          col_lse_c.const_data_ptr<float>(), row_weight_c.const_data_ptr<float>(),
+          col_weight_c.const_data_ptr<float>(), batch, dim, vectorized, grad_out.mutable_data_ptr<float>(),
+          grad_scale.mutable_data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    launch(std::false_type{}, grad_image);
+    launch(std::true_type{}, grad_text);
   });
   return {grad_image, grad_text, grad_scale};
 }
@@ -781,20 +500,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward_cuda(const at::Tens
 at::Tensor siglip_forward_cuda(const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale,
                                const at::Tensor& bias, const at::Tensor& groups) {
   check_siglip_forward(image, text, scale, bias, groups);
-  check_on_cuda("siglip_forward", image);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const c10::cuda::CUDAGuard guard = device_guard("siglip_forward", "image", image);
   const int64_t batch = image.size(0);
   const int64_t dim = image.size(1);
   at::Tensor row_loss = at::empty({batch}, image.options().dtype(at::kFloat));
   if (batch == 0) return row_loss;
-  const at::Tensor x = image.contiguous();
-  const at::Tensor y = text.contiguous();
-  const at::Tensor groups_c = groups.contiguous();
+  const auto [x, y, groups_c] = contiguous(image, text, groups);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_features(x.scalar_type(), [&](auto tag) {
+  dispatch_features(x.scalar_type(), kUnsupported, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    siglip_forward_kernel<T><<<grid_size(num_blocks(batch)), kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale.const_data_ptr<float>(), bias.const_data_ptr<float>(),
+    siglip_forward_kernel<T><<<grid_size(num_blocks(batch), kKernels, "batch"), kThreads, 0, stream>>>(
+        data_of<T>(x), data_of<T>(y), scale.const_data_ptr<float>(), bias.const_data_ptr<float>(),
         groups_c.const_data_ptr<int64_t>(), batch, dim, can_vectorize<T>(x, y, dim),
         row_loss.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -806,37 +522,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward_cuda(
     const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale, const at::Tensor& bias,
     const at::Tensor& groups, const at::Tensor& row_weight) {
   check_siglip_backward(image, text, scale, bias, groups, row_weight);
-  check_on_cuda("siglip_backward", image);
-  const c10::cuda::CUDAGuard guard(image.device());
+  const c10::cuda::CUDAGuard guard = device_guard("siglip_backward", "image", image);
   const int64_t batch = image.size(0);
   const int64_t dim = image.size(1);
   const at::TensorOptions options = image.options().dtype(at::kFloat);
   at::Tensor grad_image = at::zeros({batch, dim}, options);
   at::Tensor grad_text = at::zeros({batch, dim}, options);
   if (batch == 0) return {grad_image, grad_text, at::zeros({}, options), at::zeros({}, options)};
-  const at::Tensor x = image.contiguous();
-  const at::Tensor y = text.contiguous();
-  const at::Tensor groups_c = groups.contiguous();
-  const at::Tensor row_weight_c = row_weight.contiguous();
+  const auto [x, y, groups_c, row_weight_c] = contiguous(image, text, groups, row_weight);
   // Per-row sums of D and D S: [0] and [1].
   at::Tensor row_sums = at::empty({2, batch}, options);
   float* const row_d = row_sums.mutable_data_ptr<float>();
   float* const row_ds = row_d + batch;
-  const unsigned grid = grid_size(num_blocks(batch));
+  const unsigned grid = grid_size(num_blocks(batch), kKernels, "batch");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_features(x.scalar_type(), [&](auto tag) {
+  dispatch_features(x.scalar_type(), kUnsupported, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const bool vectorized = can_vectorize<T>(x, y, dim);
-    siglip_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale.const_data_ptr<float>(), bias.const_data_ptr<float>(),
-        groups_c.const_data_ptr<int64_t>(), row_weight_c.const_data_ptr<float>(), batch, dim, vectorized,
-        grad_image.mutable_data_ptr<float>(), row_d, row_ds);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    siglip_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        features_data<T>(x), features_data<T>(y), scale.const_data_ptr<float>(), bias.const_data_ptr<float>(),
-        groups_c.const_data_ptr<int64_t>(), row_weight_c.const_data_ptr<float>(), batch, dim, vectorized,
-        grad_text.mutable_data_ptr<float>(), nullptr, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // The row kernel also writes the per-row sums.
+    const auto launch = [&](auto column_side, at::Tensor& grad_out, float* d_sums, float* ds_sums) {
+      siglip_backward_kernel<T, decltype(column_side)::value><<<grid, kThreads, 0, stream>>>(
+          data_of<T>(x), data_of<T>(y), scale.const_data_ptr<float>(), bias.const_data_ptr<float>(),
+          groups_c.const_data_ptr<int64_t>(), row_weight_c.const_data_ptr<float>(), batch, dim, vectorized,
+          grad_out.mutable_data_ptr<float>(), d_sums, ds_sums);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    launch(std::false_type{}, grad_image, row_d, row_ds);
+    launch(std::true_type{}, grad_text, nullptr, nullptr);
   });
   // B partial sums, reduced in float64 on the stream (deterministic, no host synchronisation).
   const at::Tensor totals = row_sums.sum(1, /*keepdim=*/false, at::kDouble).to(at::kFloat);
@@ -848,8 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward_cuda(
 }  // namespace leanops
 
 TORCH_LIBRARY_IMPL(leanops, CUDA, m) {
-  m.impl("clip_forward", &leanops::contrastive::clip_forward_cuda);
-  m.impl("clip_backward", &leanops::contrastive::clip_backward_cuda);
-  m.impl("siglip_forward", &leanops::contrastive::siglip_forward_cuda);
-  m.impl("siglip_backward", &leanops::contrastive::siglip_backward_cuda);
+  namespace k = leanops::contrastive;
+  k::register_kernels(m, &k::clip_forward_cuda, &k::clip_backward_cuda, &k::siglip_forward_cuda,
+                      &k::siglip_backward_cuda);
 }

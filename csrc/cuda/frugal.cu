@@ -1,14 +1,15 @@
 // CUDA kernel of FRUGAL's fused split step (leanops::frugal_split_step_; the math and the oracle are in
-// python/leanops/reference/frugal.py, the per-element step in leanops/frugal_step.h, shared with the CPU kernel).
+// python/leanops/reference/frugal.py, the per-element step in leanops/frugal.h and the checks in
+// leanops/frugal_host.h, shared with the CPU kernel).
 //
 // One launch serves every tensor of the lists. The host cuts each tensor into chunks of kChunk elements and writes
 // a table, one entry per non-empty tensor (its seven operand pointers, its size and matrix view, its mode, the global
 // index of its first chunk and its two float32 scalars), into pinned memory, copied to the device on the current
 // stream. Blocks stride over the global chunk indices; a block finds its chunk's tensor by binary search over the
-// table (leanops/multi_tensor_cuda.cuh, shared with csrc/cuda/collage.cu) and its threads step the chunk's elements, consecutive threads on consecutive
-// elements (coalesced). In COLUMNS / ROWS modes element e is (i, j) = (e / columns, e % columns) of the matrix; it is
-// state-full when positions[j] (columns) or positions[i] (rows) is >= 0, and its moments are at i * k + p (columns)
-// or p * columns + j (rows).
+// table (leanops/multi_tensor_cuda.cuh, shared with csrc/cuda/collage.cu) and its threads step the chunk's elements,
+// consecutive threads on consecutive elements (coalesced). In COLUMNS / ROWS modes element e is (i, j) =
+// (e / columns, e % columns) of the matrix; it is state-full when positions[j] (columns) or positions[i] (rows) is
+// >= 0, and its moments are at i * k + p (columns) or p * columns + j (rows).
 //
 // Bytes per element: float32 parameters 12 (read theta and g, write theta), plus 16 for a state-full element's
 // moments; at density 0.25 about 16 bytes per element: ~4.3 GB for 268M parameters, ~1.5 ms at 2.95 TB/s.
@@ -23,7 +24,7 @@
 #include <cstring>
 #include <vector>
 
-#include "leanops/frugal_step.h"
+#include "leanops/frugal_host.h"
 #include "leanops/multi_tensor_cuda.cuh"
 
 namespace leanops {
@@ -95,48 +96,41 @@ void launch(const TensorEntry* table, int num_tensors, int64_t num_chunks, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void frugal_split_step_cuda(at::TensorList params, at::TensorList params_lo, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, at::TensorList grads, at::TensorList positions,
-                            at::TensorList addends, at::IntArrayRef modes, at::ArrayRef<double> step_sizes,
-                            at::ArrayRef<double> bias_correction2_roots, double beta1, double beta2, double eps,
-                            double decay, double free_lr, int64_t state_free) {
-  check_arguments(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes,
-                  bias_correction2_roots, state_free);
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
+void run_cuda(const Call& call) {
+  const at::Device device = call.params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool compensated = !params_lo.empty();
+  const bool compensated = !call.params_lo.empty();
 
   std::vector<TensorEntry> entries;
-  entries.reserve(params.size());
+  entries.reserve(call.params.size());
   int64_t num_chunks = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t numel = params[i].numel();
+  for (size_t i = 0; i < call.params.size(); ++i) {
+    const int64_t numel = call.params[i].numel();
     if (numel == 0) continue;
-    const int64_t mode = modes[i];
+    const int64_t mode = call.modes[i];
     const bool has_moments = mode != kFree;
     const bool matrix = mode == kColumns || mode == kRows;
     TensorEntry entry{};
-    const at::Tensor* operands[kOperands] = {&params[i],
-                                             compensated ? &params_lo[i] : nullptr,
-                                             has_moments ? &exp_avgs[i] : nullptr,
-                                             has_moments ? &exp_avg_sqs[i] : nullptr,
-                                             &grads[i],
-                                             matrix ? &positions[i] : nullptr,
-                                             addends[i].numel() > 0 ? &addends[i] : nullptr};
+    const at::Tensor* operands[kOperands] = {&call.params[i],
+                                             compensated ? &call.params_lo[i] : nullptr,
+                                             has_moments ? &call.exp_avgs[i] : nullptr,
+                                             has_moments ? &call.exp_avg_sqs[i] : nullptr,
+                                             &call.grads[i],
+                                             matrix ? &call.positions[i] : nullptr,
+                                             call.addends[i].numel() > 0 ? &call.addends[i] : nullptr};
     for (int k = 0; k < kOperands; ++k) {
       entry.pointer[k] = operands[k] == nullptr ? 0 : reinterpret_cast<uint64_t>(operands[k]->const_data_ptr());
     }
     entry.numel = numel;
     if (matrix) {
-      const MatrixShape shape = matrix_shape(mode, numel, positions[i].numel(), exp_avgs[i].numel());
+      const MatrixShape shape = matrix_shape(mode, numel, call.positions[i].numel(), call.exp_avgs[i].numel());
       entry.columns = shape.columns;
       entry.subspace = shape.subspace;
     }
     entry.mode = mode;
     entry.first_chunk = num_chunks;
-    entry.scalars = {static_cast<float>(step_sizes[i]), static_cast<float>(bias_correction2_roots[i])};
+    entry.scalars = {static_cast<float>(call.step_sizes[i]), static_cast<float>(call.bias_correction2_roots[i])};
     entries.push_back(entry);
     num_chunks += (numel + kChunk - 1) / kChunk;
   }
@@ -146,12 +140,9 @@ void frugal_split_step_cuda(at::TensorList params, at::TensorList params_lo, at:
   const auto* table_pointer = reinterpret_cast<const TensorEntry*>(table.const_data_ptr());
   const int num_tensors = static_cast<int>(entries.size());
 
-  const Scalars scalars = make_scalars(beta1, beta2, eps, decay, free_lr, state_free);
-  const at::ScalarType dtype = params[0].scalar_type();
-  const bool float_grads = grads[0].scalar_type() == at::kFloat && dtype != at::kFloat;
-  dispatch_step_types(dtype, float_grads, compensated, [&](auto param, auto grad, auto format, auto compensation) {
+  dispatch_step_types(call, [&](auto param, auto grad, auto format, auto compensation) {
     launch<decltype(param), decltype(grad), decltype(format), decltype(compensation)::value>(
-        table_pointer, num_tensors, num_chunks, scalars, device.index(), stream);
+        table_pointer, num_tensors, num_chunks, call.scalars, device.index(), stream);
   });
 }
 
@@ -159,4 +150,6 @@ void frugal_split_step_cuda(at::TensorList params, at::TensorList params_lo, at:
 }  // namespace frugal
 }  // namespace leanops
 
-TORCH_LIBRARY_IMPL(leanops, CUDA, m) { m.impl("frugal_split_step_", &leanops::frugal::frugal_split_step_cuda); }
+TORCH_LIBRARY_IMPL(leanops, CUDA, m) {
+  m.impl("frugal_split_step_", &leanops::frugal::split_step<leanops::frugal::run_cuda>);
+}

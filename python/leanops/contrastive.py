@@ -12,7 +12,7 @@ CLIP (open_clip's ``ClipLoss``, Radford et al. 2021), with S[i, j] = <x_i, y_j> 
 
 where P(i) are i's positives: i itself, or (with group ``labels``) every sample of its group, the target distribution
 being uniform over them (soft-target cross-entropy; duplicate captions). The positive terms are O(B·D) work beside
-the kernels, done in row chunks inside one operator with them (custom_ops/clip_loss.py).
+the kernels, done in row chunks inside one operator with them (leanops/ops/clip_per_anchor.py).
 
 SigLIP (open_clip's ``SigLipLoss``, Zhai et al. 2023): z = s S + b, label +1 for positives and -1 otherwise,
 
@@ -24,18 +24,15 @@ import math
 
 import torch
 
-from . import _validation, backends
-from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
-from . import distributed_contrastive
-from .reference import contrastive as reference_contrastive
+from . import _validation, distributed_contrastive
+from .ops import CONTRASTIVE
+from .ops.clip_per_anchor import clip_per_anchor
+from .ops.registry import REFERENCE_DTYPES, Provider
 
 Tensor = torch.Tensor
 
-FEATURE_DTYPES = backends.KERNEL_DTYPES + (torch.float64,)
+FEATURE_DTYPES = REFERENCE_DTYPES
 REDUCTIONS = ("mean", "sum", "none")
-
-# Backends that have the contrastive kernels in this build, fixed at import.
-IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("clip_forward")
 
 
 def _check_features(op: str, image_features, text_features) -> None:
@@ -97,19 +94,28 @@ def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: boo
     return value.to(dtype)
 
 
-def _clip_from_primitives(namespace: str, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
-    """The CLIP loss from the blockwise primitives of `namespace` plus the positive terms, computed in row chunks
-    inside one operator (custom_ops/clip_loss.py: its docstring says why)."""
+def reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    """The mean, the sum, or (reduction="none") the per-anchor vector itself."""
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor
+
+
+def _clip_from_primitives(provider: Provider, image, text, scale: Tensor, labels, reduction: str) -> Tensor:
+    """The CLIP loss from `provider`'s blockwise primitives plus the positive terms, computed in row chunks inside
+    one operator (leanops/ops/clip_per_anchor.py: its docstring says why)."""
     per_anchor_scale = scale.expand(image.shape[0]).contiguous()
-    per_anchor, _, _ = torch.ops.leanops_loss.clip_per_anchor(image, text, per_anchor_scale, labels, namespace)
-    return reference_contrastive.apply_reduction(per_anchor, reduction)
+    per_anchor, _, _ = clip_per_anchor(image, text, per_anchor_scale, labels, provider.backend)
+    return reduce(per_anchor, reduction)
 
 
-def _siglip_from_primitives(namespace: str, image, text, scale: Tensor, bias: Tensor, labels,
+def _siglip_from_primitives(provider: Provider, image, text, scale: Tensor, bias: Tensor, labels,
                             reduction: str) -> Tensor:
     groups = torch.arange(image.shape[0], device=image.device) if labels is None else labels
-    per_image = getattr(torch.ops, namespace).siglip_forward(image, text, scale, bias, groups)
-    return reference_contrastive.apply_reduction(per_image, reduction)
+    per_image = provider.operators.siglip_forward(image, text, scale, bias, groups)
+    return reduce(per_image, reduction)
 
 
 def _clip_arguments(op: str, image_features, text_features, logit_scale, labels, reduction) -> Tensor:
@@ -131,14 +137,8 @@ def _siglip_arguments(op: str, image_features, text_features, logit_scale, logit
     return scale, bias
 
 
-# `auto` on a GPU: Triton first until the H100 benchmark (`leanops bench clip`) has measured both GPU backends; the
-# faster one goes first then (benchmarks/results/contrastive.md).
-PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
-
-
-def _resolve(op: str, backend: str, features: Tensor) -> str:
-    return backends.resolve(op, backend, features.device, features.dtype, preference=PREFERENCE,
-                            implemented=IMPLEMENTED)
+def _resolve(op: str, backend: str, features: Tensor) -> Provider:
+    return CONTRASTIVE.resolve(op, backend, features.device, features.dtype)
 
 
 def _check_distributed(op: str, distributed, group, image_features: Tensor) -> None:
@@ -181,15 +181,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, *, lab
     op = "leanops.clip_loss"
     scale = _clip_arguments(op, image_features, text_features, logit_scale, labels, reduction)
     _check_distributed(op, distributed, group, image_features)
-    chosen = _resolve(op, backend, image_features)
+    provider = _resolve(op, backend, image_features)
     if distributed is not None:
         return distributed_contrastive.clip_loss(image_features, text_features, scale, labels, reduction,
-                                                 backends.operator_namespace(chosen), distributed, group)
-    if chosen == "reference":
-        return reference_contrastive.clip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype), scale,
-                                               labels, reduction)
-    namespace = backends.operator_namespace(chosen)
-    return _clip_from_primitives(namespace, image_features, text_features, scale, labels, reduction)
+                                                 provider.operators, distributed, group)
+    return _clip_from_primitives(provider, image_features, text_features, scale, labels, reduction)
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
@@ -208,16 +204,11 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logi
     op = "leanops.siglip_loss"
     scale, bias = _siglip_arguments(op, image_features, text_features, logit_scale, logit_bias, labels, reduction)
     _check_distributed(op, distributed, group, image_features)
-    chosen = _resolve(op, backend, image_features)
+    provider = _resolve(op, backend, image_features)
     if distributed is not None:
         return distributed_contrastive.siglip_loss(image_features, text_features, scale, bias, labels, reduction,
-                                                   backends.operator_namespace(chosen), distributed, group)
-    if chosen == "reference":
-        return reference_contrastive.siglip_loss(image_features.to(scale.dtype), text_features.to(scale.dtype),
-                                                 scale, bias, labels, reduction)
-    namespace = backends.operator_namespace(chosen)
-    return _siglip_from_primitives(namespace, image_features, text_features, scale, bias, labels,
-                                   reduction)
+                                                   provider.operators, distributed, group)
+    return _siglip_from_primitives(provider, image_features, text_features, scale, bias, labels, reduction)
 
 
 def clip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_scale, *,
@@ -225,7 +216,7 @@ def clip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_sca
     """``clip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
     scale = _clip_arguments("leanops.clip_loss_blockwise", image_features, text_features, logit_scale, labels,
                             reduction)
-    return _clip_from_primitives("leanops_reference", image_features, text_features, scale, labels,
+    return _clip_from_primitives(CONTRASTIVE.provider("reference"), image_features, text_features, scale, labels,
                                  reduction)
 
 
@@ -234,5 +225,5 @@ def siglip_loss_blockwise(image_features: Tensor, text_features: Tensor, logit_s
     """``siglip_loss`` through the blockwise plain-PyTorch primitives: O(block x B) memory, any device."""
     scale, bias = _siglip_arguments("leanops.siglip_loss_blockwise", image_features, text_features, logit_scale,
                                     logit_bias, labels, reduction)
-    return _siglip_from_primitives("leanops_reference", image_features, text_features, scale, bias, labels,
-                                   reduction)
+    return _siglip_from_primitives(CONTRASTIVE.provider("reference"), image_features, text_features, scale, bias,
+                                   labels, reduction)

@@ -23,20 +23,14 @@ import math
 
 import torch
 
-from . import _validation, backends
-from . import custom_ops  # noqa: F401  - registers the primitives, their fake kernels and autograd
-from . import distributed_cross_entropy
-from .reference import cross_entropy as reference_cross_entropy
+from . import _validation, distributed_cross_entropy
+from .ops import CROSS_ENTROPY
+from .ops.registry import REFERENCE_DTYPES, Provider
 
 Tensor = torch.Tensor
 
-FLOAT_DTYPES = backends.KERNEL_DTYPES + (torch.float64,)
+FLOAT_DTYPES = REFERENCE_DTYPES
 REDUCTIONS = ("mean", "sum", "none")
-
-
-IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("linear_ce_forward")
-# `auto` on a GPU: Triton until the CUDA kernels exist and the H100 benchmark (`leanops bench ce`) has compared them.
-PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 
 def _check_number(op: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
@@ -106,10 +100,19 @@ def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label
                              f"ignore_index={ignore_index}: {bad}")
 
 
-def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
+def reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """"mean" over the valid tokens (0, not NaN, when there are none), "sum", or the (N,) vector itself."""
+    if reduction == "mean":
+        return per_token.sum() / valid.sum().clamp_min(1).to(per_token.dtype)
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token
+
+
+def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
                           squentropy: bool, reduction: str, group=None) -> Tensor:
-    """The loss from the four per-token statistics of the chunked primitives (module docstring); with a `group`, of
+    """The loss from the four per-token statistics of `provider`'s chunked primitives (module docstring); with a `group`, of
     the vocabulary-parallel classifier whose slices the group's ranks hold (leanops.distributed_cross_entropy)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
@@ -118,11 +121,11 @@ def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, target
     kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
     if group is None:
         vocabulary = weight.shape[0]
-        lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
+        lse, target_logit, logit_sum, logit_square_sum = provider.operators.linear_ce_forward(
             flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
     else:
         vocabulary, (lse, target_logit, logit_sum, logit_square_sum) = distributed_cross_entropy.statistics(
-            namespace, flat_hidden, weight, kernel_bias, kernel_targets, softcap or 0.0, group)
+            provider.operators, flat_hidden, weight, kernel_bias, kernel_targets, softcap or 0.0, group)
     # (1 - a)(lse - z_t) + a (lse - mean z), written as nll + a (z_t - mean z): the terms that cancel (lse and z_t,
     # equal for V = 1 or a confident token) meet in one subtraction, which is exact when they are equal.
     loss = lse - target_logit
@@ -133,7 +136,7 @@ def _loss_from_primitives(namespace: str, hidden: Tensor, weight: Tensor, target
     if squentropy and vocabulary > 1:
         loss = loss + (logit_square_sum - target_logit.square()) / (vocabulary - 1)
     per_token = torch.where(valid, loss, 0.0)
-    reduced = reference_cross_entropy.reduce_tokens(per_token, valid, reduction)
+    reduced = reduce_tokens(per_token, valid, reduction)
     return reduced.reshape(targets.shape) if reduction == "none" else reduced
 
 
@@ -165,21 +168,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     vocabulary = None if group is None else distributed_cross_entropy.check_and_count(op, hidden, weight, group)
     _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
                      reduction, vocabulary)
-    chosen = backends.resolve(op, backend, hidden.device, hidden.dtype, preference=PREFERENCE,
-                              implemented=IMPLEMENTED)
-    if group is not None:
-        return _loss_from_primitives(backends.operator_namespace(chosen), hidden, weight, targets, bias,
-                                     ignore_index, label_smoothing, z_loss, softcap, squentropy, reduction, group)
-    if chosen == "reference":
-        accumulate = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        loss = reference_cross_entropy.linear_cross_entropy(
-            hidden.to(accumulate), weight.to(accumulate), targets, None if bias is None else bias.to(accumulate),
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-            squentropy=squentropy, reduction=reduction)
-        return loss
-    namespace = backends.operator_namespace(chosen)
-    return _loss_from_primitives(namespace, hidden, weight, targets, bias, ignore_index, label_smoothing,
-                                 z_loss, softcap, squentropy, reduction)
+    provider = CROSS_ENTROPY.resolve(op, backend, hidden.device, hidden.dtype)
+    return _loss_from_primitives(provider, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
+                                 softcap, squentropy, reduction, group)
 
 
 def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
@@ -190,5 +181,5 @@ def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, targets: Tensor
     op = "leanops.linear_cross_entropy_chunked"
     _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
                      reduction)
-    return _loss_from_primitives("leanops_reference", hidden, weight, targets, bias, ignore_index, label_smoothing,
-                                 z_loss, softcap, squentropy, reduction)
+    return _loss_from_primitives(CROSS_ENTROPY.provider("reference"), hidden, weight, targets, bias, ignore_index,
+                                 label_smoothing, z_loss, softcap, squentropy, reduction)

@@ -164,8 +164,7 @@ class _DistributedClip(torch.autograd.Function):
     diagonal, ...) -> the loss (reduction applied; module docstring for the scaling of the gradients)."""
 
     @staticmethod
-    def forward(ctx, image, text, scale, labels, namespace, mode, group, reduction):
-        ops = getattr(torch.ops, namespace)
+    def forward(ctx, image, text, scale, labels, ops, mode, group, reduction):
         ring = _Ring(group)
         dtype = scale.dtype
         per_anchor = scale.dim() == 1
@@ -208,14 +207,13 @@ class _DistributedClip(torch.autograd.Function):
         per_anchor_loss = 0.5 * (image_to_text + text_to_image)
         ctx.save_for_backward(image, text, scale_vector, labels, row_lse, col_lse, positive_rows, positive_cols,
                               counts)
-        ctx.settings = (namespace, mode, group, reduction, per_anchor, tuple(scale.shape))
+        ctx.settings = (ops, mode, group, reduction, per_anchor, tuple(scale.shape))
         return _reduce(per_anchor_loss, reduction, group)
 
     @staticmethod
     def backward(ctx, grad_output):
         image, text, scale_vector, labels, row_lse, col_lse, positive_rows, positive_cols, counts = ctx.saved_tensors
-        namespace, mode, group, reduction, per_anchor, scale_shape = ctx.settings
-        ops = getattr(torch.ops, namespace)
+        ops, mode, group, reduction, per_anchor, scale_shape = ctx.settings
         ring = _Ring(group)
         dtype = scale_vector.dtype
         batch = image.shape[0]
@@ -280,15 +278,15 @@ class _DistributedSigLip(torch.autograd.Function):
     diagonal, ...) -> the loss."""
 
     @staticmethod
-    def _setup(image, scale, namespace, group):
+    def _setup(image, scale, ops, group):
         """(operators, ring, statistics dtype, b, the primitive's groups: the block diagonal as positives)."""
         batch = image.shape[0]
-        return (getattr(torch.ops, namespace), _Ring(group), scale.dtype, batch,
+        return (ops, _Ring(group), scale.dtype, batch,
                 torch.arange(batch, device=image.device))
 
     @staticmethod
-    def forward(ctx, image, text, scale, bias, labels, namespace, mode, group, reduction):
-        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, namespace, group)
+    def forward(ctx, image, text, scale, bias, labels, ops, mode, group, reduction):
+        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, ops, group)
         grouped = labels is not None
         row_loss = torch.zeros(batch, dtype=dtype, device=image.device)
 
@@ -305,14 +303,14 @@ class _DistributedSigLip(torch.autograd.Function):
 
         _for_each_text_block(ring, mode, group, [text] + ([labels] if grouped else []), block)
         ctx.save_for_backward(image, text, scale, bias, labels)
-        ctx.settings = (namespace, mode, group, reduction)
+        ctx.settings = (ops, mode, group, reduction)
         return _reduce(row_loss, reduction, group)
 
     @staticmethod
     def backward(ctx, grad_output):
         image, text, scale, bias, labels = ctx.saved_tensors
-        namespace, mode, group, reduction = ctx.settings
-        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, namespace, group)
+        ops, mode, group, reduction = ctx.settings
+        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, ops, group)
         grouped = labels is not None
         weight = _anchor_weights(grad_output, reduction, batch, group, dtype)
         grad_image = torch.zeros(image.shape, dtype=dtype, device=image.device)
@@ -406,13 +404,13 @@ def _anchor_weights(grad_output: Tensor, reduction: str, batch: int, group, dtyp
     return (grad_output.to(dtype) * scale).expand(batch).contiguous()
 
 
-def clip_loss(image_features, text_features, scale, labels, reduction, namespace, mode, group) -> Tensor:
+def clip_loss(image_features, text_features, scale, labels, reduction, operators, mode, group) -> Tensor:
     """The CLIP loss of the concatenated batch (module docstring); arguments already checked."""
-    return _DistributedClip.apply(image_features.contiguous(), text_features.contiguous(), scale, labels, namespace,
+    return _DistributedClip.apply(image_features.contiguous(), text_features.contiguous(), scale, labels, operators,
                                   mode, group, reduction)
 
 
-def siglip_loss(image_features, text_features, scale, bias, labels, reduction, namespace, mode, group) -> Tensor:
+def siglip_loss(image_features, text_features, scale, bias, labels, reduction, operators, mode, group) -> Tensor:
     """The SigLIP loss of the concatenated batch (module docstring); arguments already checked."""
     return _DistributedSigLip.apply(image_features.contiguous(), text_features.contiguous(), scale, bias, labels,
-                                    namespace, mode, group, reduction)
+                                    operators, mode, group, reduction)

@@ -96,7 +96,7 @@ def check_and_count(op: str, hidden: Tensor, weight: Tensor, group) -> int:
     return int(sizes[:, 0].sum())
 
 
-def statistics(namespace: str, hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, softcap: float,
+def statistics(operators, hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, softcap: float,
                group) -> tuple[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """(V, (lse, target logit, logit sum, logit square sum)) of the whole vocabulary, each (N,), differentiable.
 
@@ -107,7 +107,7 @@ def statistics(namespace: str, hidden: Tensor, weight: Tensor, bias: Tensor, tar
     mine = (targets >= offset) & (targets < offset + weight.shape[0])
     local_targets = torch.where(mine, targets - offset, -1)
     shared_hidden = _SameOnEveryRank.apply(hidden.contiguous(), group)
-    lse, target_logit, logit_sum, logit_square_sum = getattr(torch.ops, namespace).linear_ce_forward(
+    lse, target_logit, logit_sum, logit_square_sum = operators.linear_ce_forward(
         shared_hidden, weight.contiguous(), bias.contiguous(), local_targets, softcap)
     return int(sizes.sum()), (_LogSumExpOverRanks.apply(lse, group), _SumOverRanks.apply(target_logit, group),
                               _SumOverRanks.apply(logit_sum, group), _SumOverRanks.apply(logit_square_sum, group))

@@ -1,5 +1,5 @@
 """What this installation of leanops can run here: versions, the device, how leanops._C was built, and for every
-backend and device type whether it is built and usable, and why not. ``leanops info`` prints it.
+op family, provider and device type whether it is built and usable, and why not. ``leanops info`` prints it.
 
 ``collect()`` returns plain data (tests check it, ``leanops info --json`` prints it); ``format_info()`` turns it
 into the text the command line shows.
@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-from . import __version__, _extension, backends
+from . import __version__, _extension, ops
 
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -49,33 +49,10 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_model()} ({cpu_cores()} cores)"
 
 
-def _built(backend: str) -> tuple[bool, str | None]:
-    """Whether `backend`'s code exists in this installation (independent of the device), and why not."""
-    if backend == "reference":
-        return True, None
-    if backend == "triton":
-        # Triton kernels are compiled just in time: "built" means triton is installed.
-        return (True, None) if backends.triton_installed() else (False, "triton is not installed")
-    if not _extension.extension_loaded():
-        return False, f"leanops._C is not available ({_extension.extension_error})"
-    if backend == "cuda" and not _extension.cuda_kernels_built():
-        return False, "leanops._C was built without CUDA kernels"
-    return True, None
-
-
 def backend_table() -> list[dict]:
-    """One entry per (backend, device type): built, usable, and the reason when it is not usable."""
-    cuda_visible = torch.cuda.is_available()
-    table = []
-    for backend in backends.BACKENDS:
-        built, _ = _built(backend)
-        for device_type in DEVICE_TYPES:
-            reason = backends.unavailable_reason(backend, torch.device(device_type))
-            if reason is None and device_type == "cuda" and not cuda_visible:
-                reason = "no CUDA device visible"
-            table.append({"backend": backend, "device_type": device_type, "built": built,
-                          "usable": reason is None, "reason": reason})
-    return table
+    """One entry per (family, provider, device type): built, usable, and why not, from the families' declarations
+    (leanops.ops)."""
+    return [row for family in ops.FAMILIES for device_type in DEVICE_TYPES for row in family.status(device_type)]
 
 
 def collect() -> dict:
@@ -103,6 +80,8 @@ def collect() -> dict:
         },
         "environment": {name: os.environ.get(name) for name in ("LEANOPS_BACKEND", "TRITON_INTERPRET")},
         "backends": backend_table(),
+        "auto_order": {family.name: {device: list(names) for device, names in family.preference.items()}
+                       for family in ops.FAMILIES},
     }
 
 
@@ -132,12 +111,17 @@ def format_info(info: dict) -> str:
     if set_variables:
         lines += ["", "environment"] + [f"  {name}={value}" for name, value in set_variables.items()]
 
-    lines += ["", "backends"]
-    header = ("backend", "device", "built", "usable", "why not")
+    lines += ["", "providers per op family (leanops.ops)"]
+    header = ("provider", "device", "built", "usable", "why not")
     rows = [(entry["backend"], entry["device_type"], "yes" if entry["built"] else "no",
              "yes" if entry["usable"] else "no", entry["reason"] or "") for entry in info["backends"]]
     widths = [max(len(str(row[column])) for row in rows + [header]) for column in range(len(header) - 1)]
-    for row in [header] + rows:
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
-        lines.append("  " + "  ".join(cells).rstrip())
+
+    def line(row) -> str:
+        return "    " + "  ".join([str(cell).ljust(width) for cell, width in zip(row, widths)] + [row[-1]]).rstrip()
+
+    for family, order in info["auto_order"].items():
+        tries = "; ".join(f"on {device}: {', '.join(names)}" for device, names in order.items())
+        lines += [f"  {family} (auto tries {tries})", line(header)]
+        lines += [line(row) for row, entry in zip(rows, info["backends"]) if entry["family"] == family]
     return "\n".join(lines)

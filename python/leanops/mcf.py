@@ -29,27 +29,17 @@ import struct
 import torch
 
 from . import _validation, backends
-from . import custom_ops  # noqa: F401  - registers the Triton custom ops and the fake kernels
-from .reference import mcf as reference_mcf
+from .ops import MCF
+from .ops.registry import REFERENCE_DTYPES
 
 Tensor = torch.Tensor
 
 KERNEL_DTYPES = backends.KERNEL_DTYPES
-REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
-
-
-def _implementation(backend: str):
-    """The namespace that holds this backend's MCF ops, each callable with the public signature."""
-    if backend == "reference":
-        return reference_mcf
-    if backend == "triton":
-        return torch.ops.leanops_triton
-    return torch.ops.leanops  # "cpu" and "cuda": the dispatcher picks the kernel by device
 
 
 def _dispatch(op: str, backend: str, like: Tensor):
-    chosen = backends.resolve(f"leanops.mcf.{op}", backend, like.device, like.dtype, KERNEL_DTYPES)
-    return getattr(_implementation(chosen), op)
+    """The operator `op` of the provider that serves tensors like `like` (leanops.ops.mcf declares them)."""
+    return getattr(MCF.resolve(f"leanops.mcf.{op}", backend, like.device, like.dtype).operators, op)
 
 
 def _binary(op: str, a, b, backend: str) -> tuple[Tensor, Tensor]:
@@ -90,6 +80,9 @@ def _check_grow(op: str, hi, lo, v) -> None:
     _validation.check_tensor(op, "hi", hi, REFERENCE_DTYPES)
     _validation.check_like(op, "lo", lo, "hi", hi)
     _validation.check_like(op, "v", v, "hi", hi)
+    if op.endswith("_") and not torch.compiler.is_compiling():
+        # Eagerly, before any provider runs (inside a compiled graph the C++ kernels check it themselves).
+        _validation.check_no_shared_memory(op, "hi", hi, "lo", lo)
 
 
 def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:

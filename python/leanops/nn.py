@@ -5,7 +5,18 @@ import torch
 from . import contrastive, cross_entropy
 
 
-class ClipLoss(torch.nn.Module):
+class _ContrastiveLoss(torch.nn.Module):
+    """The options both contrastive modules keep: the reduction, the backend, and the distributed mode and group."""
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto", distributed: str | None = None, group=None):
+        super().__init__()
+        self.reduction = reduction
+        self.backend = backend
+        self.distributed = distributed
+        self.group = group
+
+
+class ClipLoss(_ContrastiveLoss):
     """CLIP loss without the B x B logits; ``forward(image_features, text_features, logit_scale, output_dict=False)``
     as open_clip's ``ClipLoss`` (``logit_scale`` is the multiplier, open_clip's ``logit_scale.exp()``).
 
@@ -14,13 +25,6 @@ class ClipLoss(torch.nn.Module):
     the batch concatenated over the ranks (open_clip's ``gather_with_grad`` + ``local_loss``, without the logits).
     """
 
-    def __init__(self, reduction: str = "mean", backend: str = "auto", distributed: str | None = None, group=None):
-        super().__init__()
-        self.reduction = reduction
-        self.backend = backend
-        self.distributed = distributed
-        self.group = group
-
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False, labels=None):
         loss = contrastive.clip_loss(image_features, text_features, logit_scale, labels=labels,
                                      reduction=self.reduction, backend=self.backend, distributed=self.distributed,
@@ -28,17 +32,10 @@ class ClipLoss(torch.nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class SigLipLoss(torch.nn.Module):
+class SigLipLoss(_ContrastiveLoss):
     """SigLIP loss without the B x B logits; ``forward(image_features, text_features, logit_scale, logit_bias,
     output_dict=False)`` as open_clip's ``SigLipLoss``. ``distributed`` and ``group`` as ``ClipLoss``'s (the
     neighbour exchange of open_clip's SigLipLoss is ``distributed="ring"``)."""
-
-    def __init__(self, reduction: str = "mean", backend: str = "auto", distributed: str | None = None, group=None):
-        super().__init__()
-        self.reduction = reduction
-        self.backend = backend
-        self.distributed = distributed
-        self.group = group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False,
                 labels=None):

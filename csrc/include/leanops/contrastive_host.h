@@ -1,27 +1,20 @@
 // Host-side argument checks of the blockwise contrastive ops (clip_forward, clip_backward, siglip_forward,
-// siglip_backward), shared by the CPU and CUDA kernels. Every check runs before any work and names the argument:
-// a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape or device a ValueError (TORCH_CHECK_VALUE).
+// siglip_backward), shared by the CPU and CUDA kernels, and their registration. Every check runs before any work and
+// names the argument: a wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape or device a ValueError
+// (TORCH_CHECK_VALUE).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
-#include <string>
+#include "leanops/common_host.h"
 
 namespace leanops {
 namespace contrastive {
 
-// "torch.float32" for at::kFloat: the spelling Python users see.
-inline std::string dtype_name(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
-
-inline bool is_feature_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
 // image and text: (B, D) features of one kernel dtype on one device.
 inline void check_features(const char* op, const at::Tensor& image, const at::Tensor& text) {
-  TORCH_CHECK_TYPE(is_feature_dtype(image.scalar_type()), "leanops.", op, ": argument 'image' has dtype ",
+  TORCH_CHECK_TYPE(is_float_dtype(image.scalar_type()), "leanops.", op, ": argument 'image' has dtype ",
                    dtype_name(image.scalar_type()),
                    "; the kernels support torch.bfloat16, torch.float16 and torch.float32");
   TORCH_CHECK_TYPE(text.scalar_type() == image.scalar_type(), "leanops.", op, ": argument 'text' has dtype ",
@@ -34,24 +27,16 @@ inline void check_features(const char* op, const at::Tensor& image, const at::Te
                     " but 'image' has shape ", image.sizes());
 }
 
-// A per-anchor statistic (scale, row_lse, col_lse, row_weight, col_weight): float32 of shape (B,) beside `image`.
-inline void check_per_anchor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& image) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "leanops.", op, ": argument '", name, "' has dtype ",
-                   dtype_name(t.scalar_type()), "; expected torch.float32");
-  TORCH_CHECK_VALUE(t.device() == image.device(), "leanops.", op, ": argument '", name, "' is on ", t.device(),
-                    " but 'image' is on ", image.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == image.size(0), "leanops.", op, ": argument '", name,
-                    "' has shape ", t.sizes(), "; expected (", image.size(0), ",), one value per row of 'image'");
-}
-
 // A 0-dim float32 tensor beside `image` (siglip's scale and bias).
 inline void check_scalar(const char* op, const char* name, const at::Tensor& t, const at::Tensor& image) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "leanops.", op, ": argument '", name, "' has dtype ",
-                   dtype_name(t.scalar_type()), "; expected torch.float32");
-  TORCH_CHECK_VALUE(t.device() == image.device(), "leanops.", op, ": argument '", name, "' is on ", t.device(),
-                    " but 'image' is on ", image.device());
+  check_float32_beside(op, name, t, "image", image);
   TORCH_CHECK_VALUE(t.dim() == 0, "leanops.", op, ": argument '", name, "' has shape ", t.sizes(),
                     "; expected a 0-dim tensor");
+}
+
+// A per-anchor statistic (scale, row_lse, col_lse, row_weight, col_weight): float32 of shape (B,) beside `image`.
+inline void check_per_anchor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& image) {
+  check_per_row(op, name, t, "image", image);
 }
 
 // Group ids (siglip's labels: +1 where two rows share a group): int64 of shape (B,) beside `image`.
@@ -96,6 +81,16 @@ inline void check_siglip_backward(const at::Tensor& image, const at::Tensor& tex
   check_scalar("siglip_backward", "bias", bias, image);
   check_groups("siglip_backward", groups, image);
   check_per_anchor("siglip_backward", "row_weight", row_weight, image);
+}
+
+// Registers one backend's kernels of the four ops; called from TORCH_LIBRARY_IMPL(leanops, <dispatch key>, m).
+template <typename ClipForward, typename ClipBackward, typename SiglipForward, typename SiglipBackward>
+void register_kernels(torch::Library& m, ClipForward* clip_forward, ClipBackward* clip_backward,
+                      SiglipForward* siglip_forward, SiglipBackward* siglip_backward) {
+  m.impl("clip_forward", clip_forward);
+  m.impl("clip_backward", clip_backward);
+  m.impl("siglip_forward", siglip_forward);
+  m.impl("siglip_backward", siglip_backward);
 }
 
 }  // namespace contrastive

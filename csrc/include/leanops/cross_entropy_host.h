@@ -1,30 +1,22 @@
 // Host-side argument checks of the chunked linear cross-entropy ops (linear_ce_forward, linear_ce_backward), shared
-// by the CPU and CUDA kernels. Every check runs before any work and names the argument: a wrong dtype is a
-// TypeError (TORCH_CHECK_TYPE), a wrong shape or device a ValueError (TORCH_CHECK_VALUE). csrc/ops.cpp states the
-// contract of both ops.
+// by the CPU and CUDA kernels, and their registration. Every check runs before any work and names the argument: a
+// wrong dtype is a TypeError (TORCH_CHECK_TYPE), a wrong shape or device a ValueError (TORCH_CHECK_VALUE).
+// csrc/ops.cpp states the contract of both ops.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
-#include <string>
+#include "leanops/common_host.h"
 
 namespace leanops {
 namespace cross_entropy {
-
-// "torch.float32" for at::kFloat: the spelling Python users see.
-inline std::string dtype_name(at::ScalarType dtype) {
-  return "torch." + std::string(c10::getDtypeNames(dtype).first);
-}
-
-inline bool is_kernel_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
 
 // hidden (N, D), weight (V, D), bias (V,) or (0,), all of one kernel dtype on one device, contiguous;
 // targets (N,) int64.
 inline void check_inputs(const char* op, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& targets) {
-  TORCH_CHECK_TYPE(is_kernel_dtype(hidden.scalar_type()), "leanops.", op, ": argument 'hidden' has dtype ",
+  TORCH_CHECK_TYPE(is_float_dtype(hidden.scalar_type()), "leanops.", op, ": argument 'hidden' has dtype ",
                    dtype_name(hidden.scalar_type()),
                    "; the kernels support torch.bfloat16, torch.float16 and torch.float32");
   TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "leanops.", op, ": argument 'weight' has dtype ",
@@ -55,12 +47,7 @@ inline void check_inputs(const char* op, const at::Tensor& hidden, const at::Ten
 
 // A per-token float32 (N,) tensor beside `hidden` (lse and the gradients of the four statistics).
 inline void check_per_token(const char* op, const char* name, const at::Tensor& t, const at::Tensor& hidden) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "leanops.", op, ": argument '", name, "' has dtype ",
-                   dtype_name(t.scalar_type()), "; expected torch.float32");
-  TORCH_CHECK_VALUE(t.device() == hidden.device(), "leanops.", op, ": argument '", name, "' is on ", t.device(),
-                    " but 'hidden' is on ", hidden.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == hidden.size(0), "leanops.", op, ": argument '", name,
-                    "' has shape ", t.sizes(), "; expected (", hidden.size(0), ",), one value per row of 'hidden'");
+  check_per_row(op, name, t, "hidden", hidden);
 }
 
 inline void check_forward(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
@@ -79,6 +66,13 @@ inline void check_backward(const at::Tensor& hidden, const at::Tensor& weight, c
   check_per_token(op, "grad_target", grad_target, hidden);
   check_per_token(op, "grad_sum", grad_sum, hidden);
   check_per_token(op, "grad_square_sum", grad_square_sum, hidden);
+}
+
+// Registers one backend's kernels of the two ops; called from TORCH_LIBRARY_IMPL(leanops, <dispatch key>, m).
+template <typename Forward, typename Backward>
+void register_kernels(torch::Library& m, Forward* forward, Backward* backward) {
+  m.impl("linear_ce_forward", forward);
+  m.impl("linear_ce_backward", backward);
 }
 
 }  // namespace cross_entropy

@@ -37,7 +37,7 @@ namespace leanops {
 namespace eft {
 
 // ---------------------------------------------------------------------------------------------------------------
-// float32 operations, each rounded once to nearest-even.
+// float32 operations, each rounded once to nearest-even (division and square root IEEE-rounded on both sides).
 LEANOPS_HOST_DEVICE float add_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);
@@ -68,6 +68,22 @@ LEANOPS_HOST_DEVICE float fma_rn(float a, float b, float c) {
   return __fmaf_rn(a, b, c);
 #else
   return std::fma(a, b, c);
+#endif
+}
+
+LEANOPS_HOST_DEVICE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+LEANOPS_HOST_DEVICE float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return __builtin_sqrtf(x);
 #endif
 }
 

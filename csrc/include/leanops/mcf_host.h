@@ -15,10 +15,11 @@
 
 #include <array>
 #include <cstdint>
-#include <utility>
 #include <tuple>
+#include <utility>
 
-#include "leanops/mcf_ops.h"
+#include "leanops/common_host.h"
+#include "leanops/mcf.h"
 
 namespace leanops {
 namespace mcf {
@@ -36,20 +37,12 @@ struct ElementwiseProblem {
 // Calls fn(Format{}, Storage{}) for a storage dtype the kernels support, else raises TypeError naming the argument.
 template <typename Fn>
 void dispatch_storage(at::ScalarType dtype, const char* op, const char* arg, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      fn(eft::Float32Format{}, float{});
-      break;
-    case at::kBFloat16:
-      fn(eft::BFloat16Format{}, c10::BFloat16{});
-      break;
-    case at::kHalf:
-      fn(eft::Float16Format{}, c10::Half{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "leanops.mcf.", op, ": argument '", arg, "' has dtype ", dtype,
-                       "; the kernels support torch.bfloat16, torch.float16 and torch.float32");
-  }
+  const bool supported = dispatch_float_dtype<float, c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    fn(storage_format_t<T>{}, T{});
+  });
+  TORCH_CHECK_TYPE(supported, "leanops.mcf.", op, ": argument '", arg, "' has dtype ", dtype,
+                   "; the kernels support torch.bfloat16, torch.float16 and torch.float32");
 }
 
 // `t` must match `like` in dtype, device and shape (or hold one element, where `scalar_ok`).

@@ -33,19 +33,15 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .. import backends
-from .. import custom_ops  # noqa: F401  - registers the step operators
+from ..ops import COLLAGE
+from ..ops.collage import STORAGE_DTYPES
 from ..reference import mcf as reference_mcf
 from . import _distributed
 from ._distributed import local
 
 Tensor = torch.Tensor
 
-STORAGE_DTYPES = (torch.bfloat16, torch.float16)
 MODES = ("light", "plus")
-IMPLEMENTED = ("reference", "triton") + backends.compiled_backends_with("collage_adamw_step_")
-# The step is elementwise and memory-bound; the CUDA kernels first on a GPU, as for the MCF arithmetic.
-PREFERENCE = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, mode) -> None:
@@ -180,8 +176,7 @@ class CollageAdamW(torch.optim.Optimizer):
     def _apply(self, group: dict, parameters: list[Tensor], device: torch.device, dtype: torch.dtype, step: int,
                plus: bool, metrics: Tensor | None) -> None:
         """One fused step of `parameters` (one device, dtype and step count) through the chosen backend."""
-        chosen = backends.resolve("leanops.optim.CollageAdamW", self.backend, device, dtype,
-                                  kernel_dtypes=STORAGE_DTYPES, preference=PREFERENCE, implemented=IMPLEMENTED)
+        provider = COLLAGE.resolve("leanops.optim.CollageAdamW", self.backend, device, dtype)
         states = [self.state[parameter] for parameter in parameters]
         beta1, beta2 = group["betas"]
         # Bias corrections in float64 on the host (the kernels take them as float32).
@@ -197,7 +192,7 @@ class CollageAdamW(torch.optim.Optimizer):
             return
         states = [states[index] for index in kept]
         parameters, grads = [parameters[index] for index in kept], [grads[index] for index in kept]
-        getattr(torch.ops, backends.operator_namespace(chosen)).collage_adamw_step_(
+        provider.operators.collage_adamw_step_(
             parameters, [local(s["param_lo"]) for s in states], [local(s["exp_avg"]) for s in states],
             [local(s["exp_avg_sq"]) for s in states], [local(s["exp_avg_sq_lo"]) for s in states] if plus else [],
             grads, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),

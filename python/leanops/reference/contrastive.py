@@ -1,18 +1,17 @@
-"""Contrastive (CLIP / InfoNCE) and sigmoid (SigLIP) losses in plain PyTorch.
+"""The reference provider of the contrastive family: the blockwise CLIP and SigLIP primitives in plain PyTorch.
 
-Two versions of each:
-
-- ``clip_loss`` / ``siglip_loss``: the textbook computation that builds the B x B logits, exactly open_clip's
-  ``ClipLoss`` / ``SigLipLoss`` (extended with group labels and per-anchor scales). float64-capable: the oracle of the
-  tests. Memory O(B^2).
-- ``clip_forward`` / ``clip_backward`` / ``siglip_forward`` / ``siglip_backward``: the blockwise primitives that the
-  Triton, CUDA and C++ kernels implement, in plain PyTorch over row blocks: memory O(block x B). With
-  ``python/leanops/contrastive.py`` they give ``clip_loss_blockwise`` / ``siglip_loss_blockwise``.
+``clip_forward`` / ``clip_backward`` / ``siglip_forward`` / ``siglip_backward`` are the primitives that the Triton,
+CUDA and C++ kernels implement (csrc/ops.cpp states their contract), here over row blocks with torch's own operators:
+memory O(block x B), any device, float64 too. With ``python/leanops/contrastive.py`` they give ``clip_loss`` /
+``siglip_loss`` with ``backend="reference"`` (and ``clip_loss_blockwise`` / ``siglip_loss_blockwise``). The dense
+O(B^2) formulas are the tests' oracle (tests/oracles.py), not a provider.
 
 Notation: x = image features, y = text features, both (B, D); S[i, j] = <x_i, y_j>; s = per-anchor logit scales.
 """
 import torch
 import torch.nn.functional as F
+
+from ._chunks import accumulation_dtype, row_slices
 
 Tensor = torch.Tensor
 
@@ -20,70 +19,8 @@ Tensor = torch.Tensor
 BLOCK_ROWS = 1024
 
 
-def positive_mask(labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
-    """(B, B) boolean: True where (i, j) is a positive pair (the diagonal, or equal group ids)."""
-    if labels is None:
-        return torch.eye(batch, dtype=torch.bool, device=device)
-    return labels[:, None] == labels[None, :]
+# All statistics and gradients are float32 (float64 for float64 features).
 
-
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, labels: Tensor | None = None,
-              reduction: str = "mean") -> Tensor:
-    """open_clip's ClipLoss: 1/2 (CE(image -> text) + CE(text -> image)).
-
-    logits_i2t[i, j] = s_i <x_i, y_j>; logits_t2i[j, i] = s_j <y_j, x_i> (each row uses its anchor's scale). With
-    group labels, each row's target distribution is uniform over its positives (soft-target cross-entropy).
-    Returns the mean, the sum, or (reduction="none") the (B,) vector 1/2 (l_i2t[i] + l_t2i[i]).
-    """
-    batch = image_features.shape[0]
-    similarity = image_features @ text_features.T
-    scale = torch.as_tensor(logit_scale, dtype=similarity.dtype, device=similarity.device)
-    row_scale = scale.reshape(-1, 1) if scale.dim() == 1 else scale
-    logits_i2t = row_scale * similarity
-    logits_t2i = row_scale * similarity.T
-    if labels is None:
-        targets = torch.arange(batch, device=similarity.device)
-    else:
-        mask = positive_mask(labels, batch, similarity.device).to(similarity.dtype)
-        targets = mask / mask.sum(dim=1, keepdim=True)
-    per_anchor = 0.5 * (F.cross_entropy(logits_i2t, targets, reduction="none")
-                        + F.cross_entropy(logits_t2i, targets, reduction="none"))
-    return apply_reduction(per_anchor, reduction)
-
-
-def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
-                labels: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """open_clip's SigLipLoss: -sum_ij log sigmoid(label_ij * (s <x_i, y_j> + b)) / B, label +1 for positives.
-
-    reduction="none" gives the (B,) vector of per-image sums over j (its mean is the loss); "sum" their total.
-    """
-    batch = image_features.shape[0]
-    logits = logit_scale * (image_features @ text_features.T) + logit_bias
-    signs = 2 * positive_mask(labels, batch, logits.device).to(logits.dtype) - 1
-    per_image = -F.logsigmoid(signs * logits).sum(dim=1)
-    return apply_reduction(per_image, reduction)
-
-
-def apply_reduction(per_anchor: Tensor, reduction: str) -> Tensor:
-    """The mean, the sum, or (reduction="none") the per-anchor vector itself."""
-    if reduction == "mean":
-        return per_anchor.mean()
-    if reduction == "sum":
-        return per_anchor.sum()
-    return per_anchor
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Blockwise primitives (the kernels' contract; see csrc/ops.cpp). All statistics and gradients are float32 (float64
-# for float64 features).
-
-def _accumulation_dtype(features: Tensor) -> torch.dtype:
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
-def _row_blocks(batch: int):
-    for start in range(0, batch, BLOCK_ROWS):
-        yield slice(start, min(start + BLOCK_ROWS, batch))
 
 
 def clip_forward(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,13 +28,13 @@ def clip_forward(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Te
 
     One pass over row blocks; the column statistics are combined across blocks with a running max and sum.
     """
-    dtype = _accumulation_dtype(image)
+    dtype = accumulation_dtype(image)
     x, y, s = image.to(dtype), text.to(dtype), scale.to(dtype)
     batch = x.shape[0]
     row_lse = torch.empty(batch, dtype=dtype, device=x.device)
     col_max = torch.full((batch,), -torch.inf, dtype=dtype, device=x.device)
     col_sum = torch.zeros(batch, dtype=dtype, device=x.device)
-    for rows in _row_blocks(batch):
+    for rows in row_slices(batch, BLOCK_ROWS):
         similarity = x[rows] @ y.T  # (block, B)
         row_lse[rows] = torch.logsumexp(s[rows, None] * similarity, dim=1)
         column_logits = s[None, :] * similarity
@@ -111,12 +48,12 @@ def clip_forward(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Te
 def clip_backward(image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
                   row_weight: Tensor, col_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i row_weight[i] row_lse[i] + sum_j col_weight[j] col_lse[j] (see csrc/ops.cpp)."""
-    dtype = _accumulation_dtype(image)
+    dtype = accumulation_dtype(image)
     x, y, s = image.to(dtype), text.to(dtype), scale.to(dtype)
     grad_image = torch.empty_like(x)
     grad_text = torch.zeros_like(y)
     grad_scale = torch.zeros_like(s)
-    for rows in _row_blocks(x.shape[0]):
+    for rows in row_slices(x.shape[0], BLOCK_ROWS):
         similarity = x[rows] @ y.T
         p = torch.exp(s[rows, None] * similarity - row_lse[rows, None])  # row softmax
         q = torch.exp(s[None, :] * similarity - col_lse[None, :])  # column softmax (this block's rows)
@@ -138,10 +75,10 @@ def _signed_logits(x_rows: Tensor, y: Tensor, scale: Tensor, bias: Tensor, group
 
 def siglip_forward(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, groups: Tensor) -> Tensor:
     """row_loss[i] = sum_j softplus(-label[i, j] (scale S[i, j] + bias)), label +1 where groups match."""
-    dtype = _accumulation_dtype(image)
+    dtype = accumulation_dtype(image)
     x, y = image.to(dtype), text.to(dtype)
     row_loss = torch.empty(x.shape[0], dtype=dtype, device=x.device)
-    for rows in _row_blocks(x.shape[0]):
+    for rows in row_slices(x.shape[0], BLOCK_ROWS):
         _, _, signed = _signed_logits(x[rows], y, scale.to(dtype), bias.to(dtype), groups, rows)
         row_loss[rows] = F.softplus(-signed).sum(dim=1)
     return row_loss
@@ -150,13 +87,13 @@ def siglip_forward(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, gro
 def siglip_backward(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, groups: Tensor,
                     row_weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum_i row_weight[i] row_loss[i] for image, text, scale and bias (see csrc/ops.cpp)."""
-    dtype = _accumulation_dtype(image)
+    dtype = accumulation_dtype(image)
     x, y, s, b = image.to(dtype), text.to(dtype), scale.to(dtype), bias.to(dtype)
     grad_image = torch.empty_like(x)
     grad_text = torch.zeros_like(y)
     grad_scale = torch.zeros((), dtype=dtype, device=x.device)
     grad_bias = torch.zeros((), dtype=dtype, device=x.device)
-    for rows in _row_blocks(x.shape[0]):
+    for rows in row_slices(x.shape[0], BLOCK_ROWS):
         similarity, signs, signed = _signed_logits(x[rows], y, s, b, groups, rows)
         d = -row_weight[rows, None] * signs * torch.sigmoid(-signed)  # d(loss) / d(logit)
         grad_image[rows] = s * (d @ y)

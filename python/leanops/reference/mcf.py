@@ -11,8 +11,6 @@ Training", ICML 2024 (Grow, MCF state).
 """
 import torch
 
-from .._validation import check_no_shared_memory
-
 Tensor = torch.Tensor
 
 
@@ -61,8 +59,7 @@ def grow(hi: Tensor, lo: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def grow_(hi: Tensor, lo: Tensor, v: Tensor) -> None:
-    """In-place ``grow``: hi and lo receive the new pair."""
-    check_no_shared_memory("leanops.mcf.grow_", "hi", hi, "lo", lo)
+    """In-place ``grow``: hi and lo receive the new pair (they must not share memory: leanops.mcf.grow_ checks)."""
     new_hi, new_lo = grow(hi, lo, v)
     hi.copy_(new_hi)
     lo.copy_(new_lo)

@@ -1,0 +1,80 @@
+"""leanops.integrations.transformers: a Hugging Face causal LM's loss from its hidden states and lm_head weight,
+without logits, equals the model's own loss (value and every parameter's gradient) on tiny randomly initialised
+Llama and Gemma 2 configurations (nothing downloaded)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import provider_cases, slow_when_interpreted  # noqa: E402
+from leanops.integrations.transformers import causal_lm_loss  # noqa: E402
+from leanops.ops import CROSS_ENTROPY  # noqa: E402
+
+VOCABULARY = 97
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=VOCABULARY, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gemma2():
+    config = transformers.Gemma2Config(vocab_size=VOCABULARY, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+                                       attn_implementation="eager")
+    return transformers.Gemma2ForCausalLM(config)
+
+
+def _batch(device):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, VOCABULARY, (3, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0  # a padded sequence
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = -100
+    labels[0, :3] = -100  # a prompt the loss skips
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def _grads(model):
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
+
+
+# The integration is the same Python for every provider: under Triton's interpreter it is slow.
+@pytest.mark.parametrize("backend,device", slow_when_interpreted(provider_cases(CROSS_ENTROPY)))
+@pytest.mark.parametrize("build", [_llama, _gemma2], ids=["llama", "gemma2"])
+@pytest.mark.parametrize("num_items_in_batch", [None, 17], ids=["mean", "num_items"])
+def test_loss_and_gradients_equal_the_models_own(backend, device, build, num_items_in_batch):
+    torch.manual_seed(0)
+    model = build().to(device)
+    input_ids, attention_mask, labels = _batch(device)
+    extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra).loss
+    expected.backward()
+    expected_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    actual = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, backend=backend, **extra)
+    actual.backward()
+    actual_grads = _grads(model)
+
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in actual_grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shift_labels_and_bad_arguments():
+    torch.manual_seed(0)
+    model = _llama()
+    input_ids, attention_mask, labels = _batch("cpu")
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    by_labels = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask)
+    by_shift = causal_lm_loss(model, input_ids, shift_labels=shifted, attention_mask=attention_mask)
+    assert torch.equal(by_labels, by_shift)
+    with pytest.raises(ValueError, match=r"exactly one of the arguments 'labels' and 'shift_labels'"):
+        causal_lm_loss(model, input_ids)
