@@ -9,7 +9,7 @@ x, y, s (and b). The methods:
   ``siglip_loss``), run in the features' dtype; it builds the B x B logits, so it runs out of memory first;
 - ``blockwise``: ``leanops.contrastive.clip_loss_blockwise`` / ``siglip_loss_blockwise``, the blockwise primitives
   in plain PyTorch (row blocks, O(block x B) memory);
-- ``triton``, ``cuda`` (on a GPU), ``cpu`` (on the CPU): the leanops kernels, where ``contrastive.IMPLEMENTED``
+- ``triton``, ``cuda`` (on a GPU), ``cpu`` (on the CPU): the leanops kernels, where ``leanops.ops.CONTRASTIVE``
   has them and the backend is usable here (never Triton's interpreter: it is a correctness tool);
 - ``inf-cl`` (CLIP on a GPU only): Inf-CL (Cheng et al. 2024, ``pip install inf-cl``), when installed.
 

@@ -9,7 +9,7 @@ weight. The methods:
   ``F.cross_entropy(logits.float(), targets)``; it builds the N x V logits (twice, and their gradient), so it runs
   out of memory first;
 - ``chunked``: ``leanops.cross_entropy.linear_cross_entropy_chunked``, the chunked primitives in plain PyTorch;
-- ``triton``, ``cuda`` (on a GPU), ``cpu`` (on the CPU): the leanops kernels, where ``cross_entropy.IMPLEMENTED``
+- ``triton``, ``cuda`` (on a GPU), ``cpu`` (on the CPU): the leanops kernels, where ``leanops.ops.CROSS_ENTROPY``
   has them and the backend is usable here (never Triton's interpreter: it is a correctness tool);
 - peers, on a GPU, when installed: ``liger`` (Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``), ``cce``
   (Apple's cut-cross-entropy with its default ``filter_eps="auto"``: it skips the gradient entries whose softmax

@@ -112,8 +112,9 @@ def reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
 def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
                           squentropy: bool, reduction: str, group=None) -> Tensor:
-    """The loss from the four per-token statistics of `provider`'s chunked primitives (module docstring); with a `group`, of
-    the vocabulary-parallel classifier whose slices the group's ranks hold (leanops.distributed_cross_entropy)."""
+    """The loss from the four per-token statistics of `provider`'s chunked primitives (module docstring); with a
+    `group`, of the vocabulary-parallel classifier whose slices the group's ranks hold
+    (leanops.distributed_cross_entropy)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     valid = flat_targets != ignore_index

@@ -14,7 +14,8 @@ tensors; the parent replays the gradients through the single-device optimizer an
   counter and active blocks: the ranks' differently seeded generators follow rank 0's), and loads back into a
   sharded optimizer, each rank cutting its pieces;
 - torch.distributed.checkpoint (CollageAdamW light and plus, FRUGAL blockwise, columns and rows in precision fp32,
-  blockwise and columns in precision collage): saved after 3 steps, loaded into a fresh model and optimizer (other initial values, other seeds), run on
+  blockwise and columns in precision collage): saved after 3 steps, loaded into a fresh model and optimizer (other
+  initial values, other seeds), run on
   across a subspace switch: the same parameters as the uninterrupted run, bit for bit.
 """
 import os
