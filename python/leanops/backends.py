@@ -59,9 +59,13 @@ def build_reason(backend: str) -> str | None:
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on tensors of `device`, or None when it can (what a family has of it aside)."""
-    reason = build_reason(backend)
-    if reason is not None or backend == "reference":
-        return reason
+    return build_reason(backend) or device_reason(backend, device)
+
+
+def device_reason(backend: str, device: torch.device) -> str | None:
+    """Why `backend`'s code, where built, cannot run on tensors of `device`, or None when it can."""
+    if backend == "reference":
+        return None
     if backend == "cpu":
         return None if device.type == "cpu" else f"it runs on CPU tensors, and these are on {device}"
     if backend == "cuda":

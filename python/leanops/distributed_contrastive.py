@@ -278,15 +278,14 @@ class _DistributedSigLip(torch.autograd.Function):
     diagonal, ...) -> the loss."""
 
     @staticmethod
-    def _setup(image, scale, ops, group):
-        """(operators, ring, statistics dtype, b, the primitive's groups: the block diagonal as positives)."""
+    def _setup(image, scale, group):
+        """(ring, statistics dtype, b, the primitive's groups: the block diagonal as positives)."""
         batch = image.shape[0]
-        return (ops, _Ring(group), scale.dtype, batch,
-                torch.arange(batch, device=image.device))
+        return _Ring(group), scale.dtype, batch, torch.arange(batch, device=image.device)
 
     @staticmethod
     def forward(ctx, image, text, scale, bias, labels, ops, mode, group, reduction):
-        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, ops, group)
+        ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, group)
         grouped = labels is not None
         row_loss = torch.zeros(batch, dtype=dtype, device=image.device)
 
@@ -310,7 +309,7 @@ class _DistributedSigLip(torch.autograd.Function):
     def backward(ctx, grad_output):
         image, text, scale, bias, labels = ctx.saved_tensors
         ops, mode, group, reduction = ctx.settings
-        ops, ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, ops, group)
+        ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, group)
         grouped = labels is not None
         weight = _anchor_weights(grad_output, reduction, batch, group, dtype)
         grad_image = torch.zeros(image.shape, dtype=dtype, device=image.device)

@@ -80,9 +80,6 @@ def _check_grow(op: str, hi, lo, v) -> None:
     _validation.check_tensor(op, "hi", hi, REFERENCE_DTYPES)
     _validation.check_like(op, "lo", lo, "hi", hi)
     _validation.check_like(op, "v", v, "hi", hi)
-    if op.endswith("_") and not torch.compiler.is_compiling():
-        # Eagerly, before any provider runs (inside a compiled graph the C++ kernels check it themselves).
-        _validation.check_no_shared_memory(op, "hi", hi, "lo", lo)
 
 
 def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -97,7 +94,11 @@ def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[T
 
 def grow_(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """In-place ``grow``: ``hi`` and ``lo`` receive the new pair (they must not share memory). Returns them."""
-    _check_grow("leanops.mcf.grow_", hi, lo, v)
+    op = "leanops.mcf.grow_"
+    _check_grow(op, hi, lo, v)
+    if not torch.compiler.is_compiling():
+        # Eagerly, before any provider runs (inside a compiled graph the C++ kernels check it themselves).
+        _validation.check_no_shared_memory(op, "hi", hi, "lo", lo)
     _dispatch("grow_", backend, hi)(hi, lo, v)
     return hi, lo
 

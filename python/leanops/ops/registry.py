@@ -143,7 +143,8 @@ class OpFamily:
     def unavailable_reason(self, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
         """Why provider `backend` cannot serve tensors of this device (and dtype, if given), or None when it can."""
         provider = self.provider(backend)
-        reason = self.built(provider) or backends.unavailable_reason(backend, device)
+        # The build check is cached (self.built): only the device is looked at per call.
+        reason = self.built(provider) or backends.device_reason(backend, device)
         if reason is None and dtype is not None and dtype not in provider.dtypes:
             reason = f"it serves {', '.join(str(d) for d in provider.dtypes)}, not {dtype}"
         return reason
