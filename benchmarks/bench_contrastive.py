@@ -18,10 +18,17 @@ PyTorch run in float64 on the same inputs: the relative error must stay within m
 makes in the benchmark dtype, a floor for the dtype) (the flash-attention rule of ../shared/DESIGN.md). A failed
 check is a failure row, never a time.
 
-The FLOP floor is 8 B^2 D per forward + backward: S = x y^T (2 B^2 D), its recomputation in the backward pass
-(2 B^2 D; plain PyTorch keeps S instead, and needs 6 B^2 D), and the gradients S_bar y, S_bar^T x (4 B^2 D).
+The FLOP floor is 8 B^2 D per forward + backward (``leanops.plans.floor_flops``): S = x y^T (2 B^2 D), its
+recomputation in the backward pass (2 B^2 D; plain PyTorch keeps S instead, and needs 6 B^2 D), and the gradients
+S_bar y, S_bar^T x (4 B^2 D). Each row's ``work`` is the matrix FLOPs its method's plan issues over that floor
+(``plans.planned_flops`` for the leanops providers, 0.75 for plain PyTorch, unknown for Inf-CL); on a GPU each row
+also has the roofline time, max(floor FLOPs / measured matmul peak, floor bytes / measured copy bandwidth), and the
+fraction of it the measured time reaches (benchmarks/measurement.py).
 Memory is the peak of what the call allocates beyond the inputs already allocated: the CUDA caching allocator's peak
 on a GPU; on the CPU the growth of the resident set size, sampled every ~1 ms by a background thread.
+
+``targets=True`` (``leanops bench --targets``, scripts/gpu_check.sh) runs the issue's target sizes only
+(TARGET_BATCHES at D = TARGET_DIM).
 """
 import dataclasses
 from collections.abc import Callable
@@ -29,7 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from leanops import baselines, contrastive, ops
+from leanops import baselines, contrastive, ops, plans
 
 from . import common, measurement
 
@@ -44,6 +51,14 @@ METHOD_NOTES = {
     "inf-cl": "Inf-CL (cal_inf_loss, both directions)",
 }
 METHODS = tuple(METHOD_NOTES)
+# The plan whose work each method's row shows (measurement.set_work): a leanops provider, "plain" (dense plain
+# PyTorch) or None (unknown).
+METHOD_PLANS = {"pytorch": "plain", "blockwise": "reference", "triton": "triton", "cuda": "cuda", "cpu": "cpu",
+                "inf-cl": None}
+# The issue's target sizes (issue 14, one H100, bf16 forward + backward): CLIP B=32768 and 131072, SigLIP B=65536,
+# at D=512.
+TARGET_BATCHES = {"clip": [32768, 131072], "siglip": [65536]}
+TARGET_DIM = 512
 
 
 @dataclasses.dataclass
@@ -115,8 +130,12 @@ SPECS = {
 }
 
 
-def default_batches(family: str, device: torch.device, quick: bool, full: bool = False) -> list[int]:
-    """The batch sizes of a run: quick, the default for the device, or full (larger ones too)."""
+def default_batches(family: str, device: torch.device, quick: bool, full: bool = False,
+                    targets: bool = False) -> list[int]:
+    """The batch sizes of a run: quick, the default for the device, full (larger ones too), or the issue's targets
+    (the same on any device)."""
+    if targets:
+        return list(TARGET_BATCHES[family])
     if device.type == "cuda":
         if quick:
             return [4096, 8192]
@@ -229,17 +248,19 @@ class Checker(measurement.Checker):
 
 def run_family(family: str, device: torch.device, *, quick: bool = False, repeats: int | None = None,
                elements: int | None = None, backend_names: list[str] | None = None, full: bool = False,
-               dtype: torch.dtype | None = None) -> common.Report:
+               dtype: torch.dtype | None = None, targets: bool = False) -> common.Report:
     """Check, time and measure the memory of every method of `family` ("clip" or "siglip") on `device`.
 
     `elements` is a single batch size B overriding the sweep; `backend_names` restricts the methods (any of
-    METHODS; plain PyTorch always runs: it is the baseline); `full` adds larger batches; `dtype` overrides the
-    features' dtype (default: bfloat16 on a GPU, float32 on the CPU).
+    METHODS; plain PyTorch always runs: it is the baseline); `full` adds larger batches; `targets` runs the issue's
+    target sizes (TARGET_BATCHES, D = TARGET_DIM); `dtype` overrides the features' dtype (default: bfloat16 on a
+    GPU, float32 on the CPU).
     """
     spec = SPECS[family]
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    batches = [elements] if elements else default_batches(family, device, quick, full)
+    batches = [elements] if elements else default_batches(family, device, quick, full, targets)
     dim, default_dtype = default_dim_and_dtype(device)
+    dim = TARGET_DIM if targets else dim
     dtype = dtype or default_dtype
     methods = candidate_methods(spec, device)
     if backend_names:
@@ -247,15 +268,19 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
         if unknown:
             raise ValueError(f"unknown method(s) {unknown} for {family}; expected some of {METHODS}")
         methods = [method for method in methods if method == "pytorch" or method in backend_names]
-    peak = measurement.peak_flops(device, dtype)
+    ceilings = measurement.device_ceilings(device, dtype)
+    peak = None if ceilings is None else ceilings.peak_flops
     dtype_name = str(dtype).removeprefix("torch.")
     report = common.Report(family, device, rows=[], settings={
-        "quick": quick, "full": full, "repeats": repeats, "batches": batches, "dim": dim, "dtype": dtype_name,
-        "logit_scale": spec.scale, "logit_bias": spec.bias, "methods": methods, "check_batch": CHECK_BATCH,
-        "peak_flops": peak, "time_budget_s": measurement.TIME_BUDGET_S[device.type],
+        "quick": quick, "full": full, "targets": targets, "repeats": repeats, "batches": batches, "dim": dim,
+        "dtype": dtype_name, "logit_scale": spec.scale, "logit_bias": spec.bias, "methods": methods,
+        "check_batch": CHECK_BATCH, "peak_flops": peak,
+        "ceilings": None if ceilings is None else ceilings.as_dict(),
+        "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
         "memory": measurement.memory_method(device)})
     report.notes.append(f"time: forward + backward (grads of features, scale{', bias' if spec.bias else ''}), "
                         f"median; FLOP floor 8*B^2*D (S, its recomputation, and the two gradient matmuls)")
+    report.notes.append(measurement.ceilings_note(ceilings))
     report.notes.append(measurement.peak_note(peak, dtype_name))
     if device.type == "cpu":
         report.notes.extend(measurement.cpu_notes())
@@ -266,14 +291,24 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
     checker = Checker(spec, dim, dtype, device)
     reasons = {method: unavailable_reason(spec, method, device) for method in methods}
     for batch in batches:
-        inputs = make_inputs(spec, batch, dim, dtype, device)
+        # Past the time limit (leanops bench --time-limit) the rows are listed without inputs, checks or times.
+        inputs = None if common.out_of_time_reason() else make_inputs(spec, batch, dim, dtype, device)
         for method in methods:
+            sizes = {"batch": batch, "features": dim}
             row = ContrastiveRow(op=spec.op, backend=method, dtype=dtype_name, elements=batch,
-                                 bytes_moved=4 * batch * dim * dtype.itemsize,  # read x, y; write their grads
-                                 check="skipped", batch=batch, dim=dim, flop_floor=8.0 * batch * batch * dim)
+                                 bytes_moved=plans.floor_bytes(family, dtype, **sizes),  # read x, y; write grads
+                                 check="skipped", batch=batch, dim=dim,
+                                 flop_floor=float(plans.floor_flops(family, **sizes)))
+            work_problem = measurement.set_work(row, family, METHOD_PLANS[method], dtype, device, **sizes)
+            if work_problem and work_problem not in report.notes:
+                report.notes.append(work_problem)
+            measurement.set_roofline(row, ceilings)
             report.rows.append(row)
             if reasons[method] is not None:
                 row.note = reasons[method]
+                continue
+            if inputs is None or common.out_of_time_reason():
+                row.note = common.out_of_time_reason() or "not run: out of time"
                 continue
             if not checker.check_row(row, method):
                 continue
@@ -299,17 +334,17 @@ def run_siglip(device: torch.device, **options) -> common.Report:
 # Output.
 
 def format_report(report: common.Report) -> str:
-    """A plain-text table of a clip/siglip report: one line per (B, method)."""
+    """A plain-text table of a clip/siglip report, at most common.TABLE_WIDTH columns: one line per (B, method);
+    the op, dtype and D in the title (the JSON and CSV files hold every field)."""
     from leanops import info
 
-    header = ["op", "dtype", "B", "D", "method"] + measurement.TIMING_HEADER + ["check", "note"]
-    rows = []
-    for row in report.rows:
-        batch = getattr(row, "batch", None) or row.elements
-        dim = getattr(row, "dim", None)
-        rows.append([row.op, row.dtype, str(batch), "" if dim is None else str(dim), row.backend]
-                    + measurement.timing_cells(row) + [row.check, row.note])
-    title = f"{report.family} on {info.device_name(report.device)}"
+    roofline = report.settings.get("ceilings") is not None
+    header = ["B", "method"] + measurement.timing_header(roofline) + ["check", "note"]
+    rows = [[str(getattr(row, "batch", None) or row.elements), row.backend]
+            + measurement.timing_cells(row, roofline) + [row.check, row.note] for row in report.rows]
+    op = report.rows[0].op if report.rows else report.family
+    title = (f"{report.family} ({op}, {report.settings.get('dtype', '')}, D={report.settings.get('dim', '')}, "
+             f"forward + backward) on {info.device_name(report.device)}")
     return measurement.format_titled_table(title, header, rows, report.notes)
 
 

@@ -28,11 +28,18 @@ plain PyTorch run in float64 on the same inputs (of the same kind): the relative
 error plain PyTorch makes in the benchmark dtype, a floor for the dtype) (benchmarks/measurement.py). A failed check
 is a failure row, never a time.
 
-The FLOP floor is 6 N D V per forward + backward: the logits (2 N D V) and the gradient matmuls G W and G^T hidden
-(4 N D V); a kernel that recomputes the logits in the backward pass does 8 N D V. ``logits_bytes`` = 4 N V, the
-float32 logits a plain implementation materializes, for reference. Memory is the peak of what the call allocates
-beyond the inputs already allocated: the CUDA caching allocator's peak on a GPU; on the CPU the growth of the
-resident set size, sampled every ~1 ms by a background thread.
+The FLOP floor is 8 N D V per forward + backward (``leanops.plans.floor_flops``): the logits (2 N D V), their
+recomputation in the backward pass (2 N D V; plain PyTorch keeps them instead, and needs 6 N D V) and the gradient
+matmuls G W and G^T hidden (4 N D V). Each row's ``work`` is the matrix FLOPs its method's plan issues over that
+floor (``plans.planned_flops`` for the leanops providers, 0.75 for plain PyTorch, unknown for the peers); on a GPU
+each row also has the roofline time, max(floor FLOPs / measured matmul peak, floor bytes / measured copy
+bandwidth), and the fraction of it the measured time reaches (benchmarks/measurement.py). ``logits_bytes`` = 4 N V,
+the float32 logits a plain implementation materializes, for reference. Memory is the peak of what the call
+allocates beyond the inputs already allocated: the CUDA caching allocator's peak on a GPU; on the CPU the growth of
+the resident set size, sampled every ~1 ms by a background thread.
+
+``targets=True`` (``leanops bench --targets``, scripts/gpu_check.sh) runs the issue's target cases only
+(TARGET_CASES, trained-like inputs).
 """
 import dataclasses
 import importlib
@@ -43,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import leanops
-from leanops import cross_entropy, ops
+from leanops import cross_entropy, ops, plans
 
 from . import common, measurement
 
@@ -55,6 +62,9 @@ GPU_SWEEP_SHAPE = (8192, 2048)
 GPU_SWEEP_VOCABULARIES = (32768, 65536, 128256, 256000)
 GPU_TARGET_CASES = ((8192, 2304, 256000), (32768, 4096, 128256))
 GPU_QUICK_CASES = ((4096, 2048, 32768), (8192, 2048, 128256))
+# The issue's target cases (issue 14, one H100, bf16 forward + backward, trained-like inputs).
+TARGET_CASES = ((8192, 2048, 128256), (32768, 4096, 128256))
+TARGET_INPUT_KINDS = ("trained-like",)
 CPU_DIM = 64
 # quick -> (N, V values); 512 tokens by default keep the whole CPU run of `leanops bench` to a few minutes (the
 # V sweep at 1024 tokens took 6 of its 7.6 minutes on 2 busy cores); --full adds V = 128256.
@@ -85,6 +95,12 @@ PEERS = {
     "cce": ("cut_cross_entropy", "cut-cross-entropy"),
     "cce-exact": ("cut_cross_entropy", "cut-cross-entropy"),
 }
+# The plan whose work each method's row shows (measurement.set_work): a leanops provider, "plain" (dense plain
+# PyTorch) or None (unknown: the peers).
+METHOD_PLANS = {"pytorch": "plain", "chunked": "reference", "triton": "triton", "cuda": "cuda", "cpu": "cpu",
+                "liger": None, "cce": None, "cce-exact": None}
+# The case name of the linear cross-entropy in leanops.plans.
+PLANS_CASE = "cross_entropy"
 # Checked quantity (row field prefix) -> its name in a failed check's note.
 CHECKED = {"loss": "loss", "grad_hidden": "grad hidden", "grad_weight": "grad weight"}
 
@@ -120,9 +136,12 @@ def sweep_shape(device: torch.device, quick: bool) -> tuple[int, int]:
     return GPU_SWEEP_SHAPE if device.type == "cuda" else (CPU_SWEEP[quick][0], CPU_DIM)
 
 
-def default_cases(device: torch.device, quick: bool, full: bool = False) -> list[tuple[int, int, int]]:
+def default_cases(device: torch.device, quick: bool, full: bool = False,
+                  targets: bool = False) -> list[tuple[int, int, int]]:
     """The (N, D, V) cases of a run, in order (full: on the CPU, a Llama-3-sized vocabulary too; on a GPU the
-    default already holds the issue's targets)."""
+    default already holds the issue's targets; targets: those only, on any device)."""
+    if targets:
+        return list(TARGET_CASES)
     if device.type == "cuda":
         if quick:
             return list(GPU_QUICK_CASES)
@@ -303,20 +322,23 @@ def _methods(device: torch.device, backend_names: list[str] | None) -> list[str]
     return methods
 
 
-def _notes(device: torch.device, dtype_name: str, peak: float | None) -> list[str]:
+def _notes(device: torch.device, dtype_name: str, peak: float | None,
+           ceilings: measurement.Ceilings | None = None) -> list[str]:
     notes = [
-        "time: forward + backward (loss, grads of hidden and weight), median; FLOP floor 6*N*D*V (the logits "
-        "2NDV, the gradient matmuls G W and G^T h 4NDV; recomputing the logits in the backward adds 2NDV)",
+        "time: forward + backward (loss, grads of hidden and weight), median; FLOP floor 8*N*D*V (the logits "
+        "2NDV, recomputed in the backward 2NDV, the gradient matmuls G W and G^T h 4NDV)",
         f"inputs trained-like: weight ~ N(0, {TRAINED_LIKE_LOGIT_STD:g}^2/D), hidden = N(0, 1) noise + a * the "
         f"target's unit weight row, a set so that the plain loss of the first {CALIBRATION_TOKENS} tokens is "
-        f"{TRAINED_LIKE_LOSS:g} (as after training; the table's loss is plain PyTorch's over all N tokens); "
+        f"{TRAINED_LIKE_LOSS:g} (as after training; input_loss in the JSON: plain PyTorch's, all N tokens); "
         f"random: weight ~ N(0, {RANDOM_WEIGHT_STD:g}^2), hidden ~ N(0, 1), loss ~ log V + "
         f"{RANDOM_WEIGHT_STD:g}^2*D/2 (a model at initialisation)",
         "check: loss, grad hidden and grad weight vs plain PyTorch in float64 on the same inputs at (N, D, V) = "
         "({}, {}, {}); tolerance max(2 x plain PyTorch's error in {}, a floor for the dtype)".format(
             *CHECK_SHAPE[device.type], dtype_name),
-        "logits: 4*N*V bytes, the float32 logits a plain implementation materializes (plain PyTorch also keeps "
-        "the logits in the input dtype and their gradient)",
+        "logits_bytes (JSON): 4*N*V, the float32 logits a plain implementation materializes (plain PyTorch also "
+        "keeps the logits in the input dtype and their gradient); loss (JSON input_loss): plain PyTorch's loss of "
+        "the row's inputs",
+        measurement.ceilings_note(ceilings),
         "cce filters the gradient (filter_eps='auto': softmax entries below a dtype-dependent threshold are "
         "skipped); cce-exact does not (filter_eps=None)",
         measurement.peak_note(peak, dtype_name),
@@ -328,48 +350,62 @@ def _notes(device: torch.device, dtype_name: str, peak: float | None) -> list[st
 
 def run(device: torch.device, *, quick: bool = False, repeats: int | None = None, elements: int | None = None,
         backend_names: list[str] | None = None, input_kinds: list[str] | None = None, full: bool = False,
-        dtype: torch.dtype | None = None) -> common.Report:
+        dtype: torch.dtype | None = None, targets: bool = False) -> common.Report:
     """``leanops bench ce``: check, time and measure the memory of every method on `device`.
 
     `elements` is a single vocabulary size V (at the sweep's N, D) overriding the cases; `backend_names`
     restricts the methods (any of METHODS; plain PyTorch always runs: it is the baseline); `input_kinds` (any of
-    INPUT_KINDS) overrides default_input_kinds.
+    INPUT_KINDS) overrides default_input_kinds; `targets` runs the issue's target cases (TARGET_CASES, trained-like
+    inputs unless `input_kinds` says otherwise).
     """
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    cases = [sweep_shape(device, quick) + (elements,)] if elements else default_cases(device, quick, full)
-    kinds = tuple(input_kinds) if input_kinds else default_input_kinds(device)
+    cases = [sweep_shape(device, quick) + (elements,)] if elements else default_cases(device, quick, full, targets)
+    kinds = tuple(input_kinds) if input_kinds else TARGET_INPUT_KINDS if targets else default_input_kinds(device)
     unknown = sorted(set(kinds) - set(INPUT_KINDS))
     if unknown:
         raise ValueError(f"unknown input kind(s) {unknown} for ce; expected some of {INPUT_KINDS}")
     dtype = dtype or default_dtype(device)
     methods = _methods(device, backend_names)
-    peak = measurement.peak_flops(device, dtype)
+    ceilings = measurement.device_ceilings(device, dtype)
+    peak = None if ceilings is None else ceilings.peak_flops
     dtype_name = str(dtype).removeprefix("torch.")
     report = common.Report(FAMILY, device, rows=[], settings={
-        "quick": quick, "repeats": repeats, "cases": [list(case) for case in cases],
+        "quick": quick, "targets": targets, "repeats": repeats, "cases": [list(case) for case in cases],
         "sweep_shape": list(sweep_shape(device, quick)), "dtype": dtype_name, "input_kinds": list(kinds),
         "trained_like_loss": TRAINED_LIKE_LOSS, "trained_like_logit_std": TRAINED_LIKE_LOGIT_STD,
         "random_weight_std": RANDOM_WEIGHT_STD, "calibration_tokens": CALIBRATION_TOKENS, "methods": methods,
         "check_shape": list(CHECK_SHAPE[device.type]), "peak_flops": peak,
-        "time_budget_s": measurement.TIME_BUDGET_S[device.type], "memory": measurement.memory_method(device)})
-    report.notes.extend(_notes(device, dtype_name, peak))
+        "ceilings": None if ceilings is None else ceilings.as_dict(),
+        "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
+        "memory": measurement.memory_method(device)})
+    report.notes.extend(_notes(device, dtype_name, peak, ceilings))
 
     torch.manual_seed(0)
     checkers = {kind: Checker(kind, dtype, device) for kind in kinds}
     reasons = {method: unavailable_reason(method, device) for method in methods}
     for tokens, dim, vocabulary in cases:
         for kind in kinds:
-            inputs = make_inputs(kind, tokens, dim, vocabulary, dtype, device)
-            loss = input_loss(*inputs)
+            # Past the time limit (leanops bench --time-limit) the rows are listed without inputs, checks or times.
+            inputs = None if common.out_of_time_reason() else make_inputs(kind, tokens, dim, vocabulary, dtype,
+                                                                           device)
+            loss = None if inputs is None else input_loss(*inputs)
+            sizes = {"tokens": tokens, "vocabulary": vocabulary, "features": dim}
             for method in methods:
                 row = CrossEntropyRow(
                     op=OP, backend=method, dtype=dtype_name, elements=vocabulary,
-                    bytes_moved=2 * (tokens + vocabulary) * dim * dtype.itemsize,  # read h, W; write their grads
+                    bytes_moved=plans.floor_bytes(PLANS_CASE, dtype, **sizes),  # read h, W; write their grads
                     check="skipped", tokens=tokens, dim=dim, vocabulary=vocabulary, inputs=kind, input_loss=loss,
-                    flop_floor=6.0 * tokens * dim * vocabulary, logits_bytes=4 * tokens * vocabulary)
+                    flop_floor=float(plans.floor_flops(PLANS_CASE, **sizes)), logits_bytes=4 * tokens * vocabulary)
+                work_problem = measurement.set_work(row, PLANS_CASE, METHOD_PLANS[method], dtype, device, **sizes)
+                if work_problem and work_problem not in report.notes:
+                    report.notes.append(work_problem)
+                measurement.set_roofline(row, ceilings)
                 report.rows.append(row)
                 if reasons[method] is not None:
                     row.note = reasons[method]
+                    continue
+                if inputs is None or common.out_of_time_reason():
+                    row.note = common.out_of_time_reason() or "not run: out of time"
                     continue
                 if not checkers[kind].check_row(row, method):
                     continue
@@ -384,16 +420,21 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
 # ---------------------------------------------------------------------------------------------------------------
 # Output.
 
+# The input kinds as the table shows them (narrow); the JSON keeps the full names.
+SHORT_INPUT_KINDS = {"trained-like": "trained", "random": "random"}
+
+
 def format_report(report: common.Report) -> str:
-    """A plain-text table of a ce report: one line per ((N, D, V), input kind, method)."""
+    """A plain-text table of a ce report, at most common.TABLE_WIDTH columns: one line per ((N, D, V), input kind,
+    method); the dtype in the title, the input loss and the logits' bytes in the JSON and CSV files."""
     from leanops import info
 
-    header = (["dtype", "inputs", "loss", "N", "D", "V", "method"] + measurement.TIMING_HEADER
-              + ["logits fp32", "check", "note"])
-    rows = [[row.dtype, row.inputs, measurement.format_number(row.input_loss, "{:.2f}"), str(row.tokens),
-             str(row.dim), str(row.vocabulary), row.backend] + measurement.timing_cells(row)
-            + [measurement.format_bytes(row.logits_bytes), row.check, row.note] for row in report.rows]
-    title = f"{report.family} ({OP}) on {info.device_name(report.device)}"
+    roofline = report.settings.get("ceilings") is not None
+    header = ["N", "D", "V", "inputs", "method"] + measurement.timing_header(roofline) + ["check", "note"]
+    rows = [[str(row.tokens), str(row.dim), str(row.vocabulary), SHORT_INPUT_KINDS.get(row.inputs, row.inputs),
+             row.backend] + measurement.timing_cells(row, roofline) + [row.check, row.note] for row in report.rows]
+    title = (f"{report.family} ({OP}, {report.settings.get('dtype', '')}, forward + backward) on "
+             f"{info.device_name(report.device)}")
     return measurement.format_titled_table(title, header, rows, report.notes)
 
 

@@ -51,6 +51,8 @@ OP = "adamw_step"
 SIZES = {("cuda", "default"): (16, 4096 * 4096), ("cuda", "quick"): (4, 4096 * 4096),
          ("cuda", "full"): (16, 4096 * 4096), ("cpu", "default"): (8, 512 * 512), ("cpu", "quick"): (4, 256 * 256),
          ("cpu", "full"): (16, 1024 * 1024)}
+# The issue's target size (issue 14: Collage-light / plus steps on 268M parameters), on any device.
+TARGET_SIZE = (16, 4096 * 4096)
 HYPERPARAMETERS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 PARAMETER_STD, GRADIENT_STD = 0.02, 1e-2
 CHECK_SHAPE = (64, 64)
@@ -131,8 +133,11 @@ def square_shape(elements: int) -> tuple[int, int]:
     return rows, elements // rows
 
 
-def default_size(device: torch.device, quick: bool, full: bool = False) -> tuple[int, int]:
-    """(tensors, elements per tensor) of a run (a GPU's default is already the issue's 268M parameters)."""
+def default_size(device: torch.device, quick: bool, full: bool = False, targets: bool = False) -> tuple[int, int]:
+    """(tensors, elements per tensor) of a run (a GPU's default is already the issue's 268M parameters; targets:
+    those on any device)."""
+    if targets:
+        return TARGET_SIZE
     return SIZES[(device.type, common.size_class(quick, full))]
 
 
@@ -454,16 +459,17 @@ def _notes(device: torch.device, tensors: int, shape: tuple[int, int]) -> list[s
 
 
 def run(device: torch.device, *, quick: bool = False, repeats: int | None = None, elements: int | None = None,
-        backend_names: list[str] | None = None, full: bool = False) -> common.Report:
+        backend_names: list[str] | None = None, full: bool = False, targets: bool = False) -> common.Report:
     """``leanops bench optim``: check and time one step of every method on `device`.
 
     `elements` sets the parameter count per tensor (square-ish; the tensor count stays the default's);
     `backend_names` restricts the methods (method names, or leanops backend names for the Collage rows of that
-    backend; torch's baselines and the Collage reference always run); `full` uses the largest sizes (SIZES). The
-    dtypes are the methods' own (fp32 / bf16), so there is no dtype option.
+    backend; torch's baselines and the Collage reference always run); `full` uses the largest sizes (SIZES);
+    `targets` the issue's (TARGET_SIZE). The dtypes are the methods' own (fp32 / bf16), so there is no dtype
+    option.
     """
     repeats = repeats or (20 if device.type == "cuda" else 5)
-    tensors, default_elements = default_size(device, quick, full)
+    tensors, default_elements = default_size(device, quick, full, targets)
     shape = square_shape(elements or default_elements)
     params = tensors * shape[0] * shape[1]
     methods = _selected(candidate_methods(device), backend_names)
@@ -472,13 +478,15 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
     copy_buffer = bench_mcf.copy_buffer_bytes(device, quick)  # the copy ceiling's buffer, whatever the size class
     copy_bandwidth = common.copy_bandwidth_gbps(device, copy_buffer, repeats)
     report = common.Report(FAMILY, device, rows=[], copy_bandwidth_gbps=copy_bandwidth, settings={
-        "quick": quick, "repeats": repeats, "tensors": tensors, "shape": list(shape), "params": params,
+        "quick": quick, "targets": targets, "repeats": repeats, "tensors": tensors, "shape": list(shape),
+        "params": params,
         "hyperparameters": {**HYPERPARAMETERS, "betas": list(HYPERPARAMETERS["betas"])},
         "parameter_std": PARAMETER_STD, "gradient_std": GRADIENT_STD, "check_shape": list(CHECK_SHAPE),
         "check_steps": CHECK_STEPS, "methods": [method.name for method in methods],
         "bytes_moved_per_param": dict(BYTES_MOVED), "copy_buffer_bytes": copy_buffer,
         "h100_copy_tbps": H100_COPY_TBPS, "targets_ms": dict(TARGETS_MS),
-        "time_budget_s": measurement.TIME_BUDGET_S[device.type], "memory": measurement.memory_method(device)})
+        "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
+        "memory": measurement.memory_method(device)})
     report.notes.extend(_notes(device, tensors, shape))
 
     for method in methods:
@@ -488,7 +496,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
                        params=params, bytes_per_param=bytes_per_param, accuracy=method.accuracy,
                        master_bytes_per_param=method.master_bytes_per_param)
         report.rows.append(row)
-        reason = unavailable_reason(method, device)
+        reason = unavailable_reason(method, device) or common.out_of_time_reason()
         if reason is not None:
             row.note = reason
             continue
@@ -510,19 +518,23 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
 # Output.
 
 def format_report(report: common.Report) -> str:
-    """A plain-text table of an optim report: one line per method."""
+    """A plain-text table of an optim report, at most common.TABLE_WIDTH columns: one line per method (the
+    parameter count in the title; the dtype, bytes and errors in full in the JSON and CSV files)."""
     from leanops import info
 
     number = measurement.format_number
-    header = ["method", "dtype", "params", "ms", "B/param moved", "GB/s", "% of copy", "state B/param",
-              "total B/param", "step extra mem", "update err", "check", "note"]
-    rows = [[row.backend, row.dtype, str(row.params), number(row.ms, "{:.3f}"), str(row.bytes_per_param),
-             number(row.gbps, "{:.1f}"),
+    header = ["method", "ms", "B/p", "GB/s", "% copy", "state B/p", "total B/p", "extra mem", "upd err", "check",
+              "note"]
+    rows = [[row.backend, number(row.ms, "{:.3f}"), str(row.bytes_per_param), number(row.gbps, "{:.1f}"),
              number(None if row.fraction_of_copy is None else 100 * row.fraction_of_copy, "{:.0f}%"),
              number(row.state_bytes_per_param, "{:.2f}"), number(row.bytes_per_param_total, "{:.2f}"),
              measurement.format_bytes(row.peak_extra_bytes), number(row.update_error, "{:.1e}"), row.check,
              row.note] for row in report.rows]
-    title = f"{report.family} (one AdamW step) on {info.device_name(report.device)}"
+    title = (f"{report.family} (one AdamW step, {report.settings.get('params', '?')} parameters) on "
+             f"{info.device_name(report.device)}")
     if report.copy_bandwidth_gbps is not None:
         title += f"; measured copy bandwidth {report.copy_bandwidth_gbps:.1f} GB/s"
-    return measurement.format_titled_table(title, header, rows, report.notes)
+    report_notes = ["columns: B/p = bytes per parameter a step must move; state B/p and total B/p = optimizer "
+                    "memory per parameter (below); extra mem = what one step allocates beyond parameters and state; "
+                    "upd err = the check's relative error of the first update vs float64"] + report.notes
+    return measurement.format_titled_table(title, header, rows, report_notes)

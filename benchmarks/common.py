@@ -44,6 +44,37 @@ def peer_not_requested_reason() -> str | None:
     return None if _PEERS["enabled"] else "not run (pass --peers to run the installed peers)"
 
 
+# How long the rows of a family may take (``leanops bench --time-limit``, ``--targets``): a deadline on
+# time.monotonic() after which no further row is measured (each such row says why), and the seconds of timed repeats
+# one row may take (None: the device's default, measurement.TIME_BUDGET_S).
+_LIMITS: dict = {"deadline": None, "why": "", "row_budget_s": None}
+
+
+@contextlib.contextmanager
+def run_limits(deadline: float | None = None, row_budget_s: float | None = None, why: str = "time limit"):
+    """Within the block, rows are measured only until time.monotonic() reaches `deadline` (None: no limit; later
+    rows get the note "not run: `why` reached") and each row's timed repeats stop after `row_budget_s` seconds
+    (None: the default budget)."""
+    previous = dict(_LIMITS)
+    _LIMITS.update(deadline=deadline, why=why, row_budget_s=row_budget_s)
+    try:
+        yield
+    finally:
+        _LIMITS.update(previous)
+
+
+def out_of_time_reason() -> str | None:
+    """Why no more rows are measured (the deadline of ``run_limits`` has passed), else None."""
+    if _LIMITS["deadline"] is None or time.monotonic() < _LIMITS["deadline"]:
+        return None
+    return f"not run: {_LIMITS['why']} reached"
+
+
+def row_budget_s(default: float) -> float:
+    """The seconds of timed repeats one row may take: the run's limit (``run_limits``) or `default`."""
+    return default if _LIMITS["row_budget_s"] is None else _LIMITS["row_budget_s"]
+
+
 class Progress:
     """A one-line progress display on stderr while a family runs (only when stderr is a terminal): the family, the
     number of timed measurements so far and the elapsed time, updated as each measurement ends."""
@@ -282,11 +313,30 @@ def write_results(out_dir: str, report: Report) -> list[str]:
     return [stem + ".json", stem + ".csv"]
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    """Columns padded to their widest cell; the last column is left ragged."""
+# The widest line of a printed table (a terminal's 120 columns); what does not fit is in the JSON and CSV files.
+TABLE_WIDTH = 120
+
+
+def format_table(header: list[str], rows: list[list[str]], max_width: int | None = None) -> str:
+    """Columns padded to their widest cell; the last column is left ragged.
+
+    With `max_width`, a last-column cell (the note) that would make its line longer is replaced by a footnote mark
+    "[n]" and its text follows the table, one line each (the same text gets the same mark)."""
+    footnotes: dict[str, str] = {}
+    if max_width is not None and header:
+        fixed = [max(len(row[column]) for row in [header] + rows) for column in range(len(header) - 1)]
+        room = max(max_width - sum(fixed) - 2 * len(fixed), len("[99]"))
+        marked_rows = []
+        for row in rows:
+            note = row[-1]
+            if len(note) > room:
+                note = footnotes.setdefault(note, f"[{len(footnotes) + 1}]")
+            marked_rows.append(row[:-1] + [note])
+        rows = marked_rows
     widths = [max(len(row[column]) for row in [header] + rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.extend(f"{mark} {text}" for text, mark in footnotes.items())
     return "\n".join(lines)
 
 

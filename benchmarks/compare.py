@@ -17,7 +17,10 @@ MEASURED = {"ms", "ms_q1", "ms_q3", "gbps", "fraction_of_copy", "note", "check",
             "peak_extra_bytes", "out_of_memory", "repeats", "state_bytes", "state_bytes_per_param",
             "bytes_per_param_total", "update_error", "update_tolerance", "loss_error", "grad_error",
             "grad_hidden_error", "grad_weight_error", "loss_tolerance", "grad_tolerance", "grad_hidden_tolerance",
-            "grad_weight_tolerance", "extra_memory_gib", "gib_sent", "comm_ms_lower_bound"}
+            "grad_weight_tolerance", "extra_memory_gib", "gib_sent", "comm_ms_lower_bound",
+            # The work model: properties of a plan and of the device's ceilings, not of the case (a plan that gets
+            # leaner, or a floor counted anew, still compares with its earlier rows).
+            "flop_floor", "planned_flops", "work", "roofline_ms", "plan_roofline_ms", "fraction_of_roofline"}
 # Relative change of the median that counts as real when a row has no quartiles.
 FALLBACK_SPREAD = 0.05
 # Below this relative change of the median nothing is flagged, however tight the quartiles (a 0.1% change with

@@ -1,7 +1,9 @@
 """Test configuration: which backends this machine can run, and Triton's interpreter where there is no GPU.
 
 Markers: ``gpu`` (needs CUDA; skipped without it), ``triton`` (Triton kernels; under the interpreter on a CPU-only
-machine), ``distributed`` (several processes), ``slow`` (long cases: ``pytest -m "not slow"`` leaves them out).
+machine), ``distributed`` (several processes), ``slow`` (long cases: ``pytest -m "not slow"`` leaves them out),
+``gpu_check`` (the short GPU subset scripts/gpu_check.sh runs, ``pytest -m "gpu_check and gpu"``: a few tests per
+loss, optimizer and MCF kernel, each over every provider; registered in pyproject.toml).
 
 Layout: one folder per op family (tests/<family>, no __init__.py, every test file's name unique in the tree); this
 folder is on sys.path for all of them (pytest's default import mode puts a conftest's folder there), so

@@ -2,13 +2,19 @@
 whose bits (params, params_lo, exp_avgs, exp_avg_sqs, exp_avg_sqs_lo) this kernel reproduces exactly.
 
 Arithmetic. Storage values are widened to float32 in registers; "arithmetic in F" and the MCF algorithms (TwoSum,
-Fast2Sum, TwoProd, so Grow and Scale) are the device functions of triton_kernels/mcf.py, in the reference's order.
-Every float32 operation is the reference's, in its order and correctly rounded: the kernel is compiled with
-``enable_fp_fusion=False`` (no a*b+c contracted into an FMA), divides with ``tl.div_rn`` and takes square roots with
-``tl.sqrt_rn`` (plain ``/`` and ``tl.sqrt`` are approximate on the GPU). The only fused multiply-add is TwoProd's
-error term in ``plus`` mode (``fma(v, F(beta2), -p)``), which is exact for 16-bit operands whether fused or not.
-The scalars are rounded to float32 on the host exactly as the reference's ``torch.tensor(value, dtype=float32)``
-(so that Triton's own double -> float conversion of the arguments is exact), -lr included.
+Fast2Sum, TwoProd, so Grow and Scale) are those of triton_kernels/eft.py (the twin of csrc/include/leanops/eft.h),
+restated here (_f, _two_sum_f, _fast_two_sum_f) with the same operations in the same order, so that the values the
+kernel stores keep their storage form instead of being converted twice. Every float32 operation is the reference's,
+in its order and correctly rounded: the kernel is compiled with ``enable_fp_fusion=False`` (no a*b+c contracted into
+an FMA), divides with ``tl.div_rn`` and takes square roots with ``tl.sqrt_rn`` (plain ``/`` and ``tl.sqrt`` are
+approximate on the GPU). The only fused multiply-add is TwoProd's error term in ``plus`` mode
+(``fma(v, F(beta2), -p)``), which is exact for 16-bit operands whether fused or not. The scalars are rounded to
+float32 on the host exactly as the reference's ``torch.tensor(value, dtype=float32)`` (so that Triton's own double ->
+float conversion of the arguments is exact), -lr included.
+
+Rounding to F (NATIVE, the GPU): bfloat16 by the hardware's conversion, one instruction a rounding (_f), float16 by
+Triton's conversions (which LLVM turns into float16x2 arithmetic where it can: the same values). Under the
+interpreter (NATIVE false) bfloat16 is rounded on its bit pattern: the interpreter's own conversion truncates.
 
 Multi-tensor launch. One launch serves every tensor of the lists (they share dtype and device; each must be
 contiguous). The host builds a small int64 table, one row per non-empty tensor:
@@ -18,10 +24,17 @@ contiguous). The host builds a small int64 table, one row per non-empty tensor:
 (data pointers as integers; first_chunk = number of BLOCK_SIZE chunks of the rows before it). The grid has one
 program per chunk of BLOCK_SIZE elements, over all tensors. A program finds its row by a binary search of the
 first_chunk column (log2(rows) scalar loads, no per-chunk table to build or copy), casts the row's addresses to
-pointers (int64 -> pointer bitcast) and updates its chunk. Full chunks take an unmasked-in-effect path (a constant
-all-true mask) whose loads and stores are 16-byte vectors when every address is 16-byte aligned (ALIGNED, checked
-on the host; then the pointers carry a ``tl.multiple_of`` hint); the last, partial chunk of a tensor takes a masked
-path. On the GPU the table is copied from pinned memory without blocking the host.
+pointers (int64 -> pointer bitcast) and updates its chunk. When every address is 16-byte aligned (ALIGNED, checked on
+the host; then the pointers carry a ``tl.multiple_of`` hint), full chunks take a path with a constant all-true mask
+whose loads and stores are 16-byte vectors; with bfloat16 that path moves 32-bit words of two values (the pair path:
+see _widen). The last, partial chunk of a tensor, and every chunk of unaligned operands, take a masked path. On the
+GPU the table is copied from pinned memory without blocking the host.
+
+Instructions per element (SASS, sm_90, the full-chunk path without the division and square-root slow-path stubs;
+tests/collage/test_collage_sass.py): bfloat16 light 143 -> 87, plus 259 -> 126 (the rounding on the bit pattern
+took five integer instructions, and extracting 16-bit values from vectors two or three); float16 light 71 -> 72,
+plus 91 -> 96 (its arithmetic was already float16x2 instructions; about 1.3 of the difference is pointer arithmetic
+the old kernel did ahead of its branch, the rest the compiler's scheduling of the earlier loads).
 
 Telemetry (``metrics`` given: the METRICS constexpr). Each program writes float64 partial sums of its chunk to a
 partials buffer (grid, 3): sum s*delta and sum delta^2, with the products formed in float64 (exact, as the
@@ -39,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .eft import _STORAGE_CODE, _add, _fast_two_sum, _load, _mul, _round, _store, _two_prod, _two_sum
+from .eft import _STORAGE_CODE
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -72,100 +85,245 @@ def _find_row(table_ptr, n_rows, pid, ROW: tl.constexpr = 8, FIRST_CHUNK: tl.con
 
 
 @triton.jit
-def _pointer(row_ptr, column: tl.constexpr, start, STORAGE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The row's address in `column` as a pointer to storage values (bfloat16 as int16 bit patterns), plus start."""
-    address = tl.load(row_ptr + column)
-    if STORAGE == 1:
+def _pointer(address, start, STORAGE: tl.constexpr, ALIGNED: tl.constexpr, PAIRS: tl.constexpr):
+    """An operand's address (an int64 of the table) as a pointer to storage values (bfloat16 as int16 bit patterns)
+    plus start, or with PAIRS to 32-bit words (two storage values each) plus start / 2."""
+    if PAIRS:
+        pointer = address.to(tl.pointer_type(tl.int32), bitcast=True)
+    elif STORAGE == 1:
         pointer = address.to(tl.pointer_type(tl.float16), bitcast=True)
     else:
         pointer = address.to(tl.pointer_type(tl.int16), bitcast=True)
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
-    return pointer + start
+    if PAIRS:
+        return pointer + start // 2
+    else:
+        return pointer + start
+
+
+# Storage values <-> float32. The element path (tail chunks, unaligned tensors, and float16) holds one storage value
+# per element (bfloat16 as its int16 bit pattern, float16 as itself); the pair path (bfloat16's full chunks of 16-byte
+# aligned tensors) holds a 32-bit word of two neighbouring values (low half: the even element) and their float32
+# values as an (n, 2) tensor (tl.join of the two halves, which keeps both in one thread). The pair path exists for the
+# instruction count: a 16-bit value extracted from a vector load cost Triton's code two or three instructions (PRMT,
+# MOV, shift) where a half of a 32-bit word costs one (a shift or a mask), and a stored word is made of two values by
+# one instruction, without unpacking and repacking 16-bit values.
+
+@triton.jit
+def _widen(raw, STORAGE: tl.constexpr, PAIRS: tl.constexpr):
+    """Storage values as float32 (exact): one SASS instruction per element."""
+    if PAIRS:
+        tl.static_assert(STORAGE == 2, "the pair path is bfloat16's")
+        return tl.join((raw << 16).to(tl.float32, bitcast=True), (raw & -65536).to(tl.float32, bitcast=True))
+    elif STORAGE == 2:
+        return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def _bfloat16_bits(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even) as its bit pattern in the low 16 bits of a uint32;
+    NaN becomes the canonical NaN 0x7FFF, as the GPU's conversion gives it. Integer arithmetic (eft._round's, about
+    five instructions per element on the GPU): the interpreter's own float32 -> bfloat16 conversion truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FFF, rounded)
+
+
+@triton.jit
+def _f(x, STORAGE: tl.constexpr, NATIVE: tl.constexpr):
+    """F(x): float32 x rounded to the storage format (nearest, ties to even), as float32 (eft._round's value).
+
+    bfloat16 on the GPU: one instruction, cvt.rn.bf16x2.f32 d, x, 0 (x rounded into the high half, +0 in the low
+    half: d is F(x) as a float32), where a conversion and a widening take two (F2F and a shift) and the rounding on
+    the bit pattern five. float16: Triton's conversions, which LLVM turns, where an operation on widened float16
+    values is rounded back to float16, into that operation in float16 (add.rn.f16x2: the same value, float32 having
+    more than twice float16's precision; the kernel's float16 arithmetic has compiled so since it was written)."""
+    if STORAGE == 2:
+        if NATIVE:
+            return tl.inline_asm_elementwise("{ .reg .b32 zero; mov.b32 zero, 0; cvt.rn.bf16x2.f32 $0, $1, zero; }",
+                                             "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return (_bfloat16_bits(x) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _rounded(x, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    """(F(x) as float32, F(x) in storage form): a value the kernel both stores and computes with."""
+    if STORAGE == 2:
+        value = _f(x, STORAGE, NATIVE)
+        if PAIRS:
+            # The two high halves (the values' low halves are zero) by one PRMT, an integer instruction: the
+            # conversion unit, whose throughput is low on Hopper, is left to the roundings (cvt.rn.bf16x2.f32 of the
+            # two values would give the same word).
+            low, high = tl.split(value)
+            if NATIVE:
+                raw = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [low, high],
+                                                dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                raw = ((low.to(tl.uint32, bitcast=True) >> 16)
+                       | (high.to(tl.uint32, bitcast=True) & 0xFFFF0000)).to(tl.int32, bitcast=True)
+        else:
+            raw = (value.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
+        return value, raw
+    else:
+        half = x.to(tl.float16)
+        return half.to(tl.float32), half
+
+
+@triton.jit
+def _two_sum_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr):
+    """eft._two_sum: Knuth's TwoSum in F arithmetic, the same operations in the same order."""
+    s = _f(a + b, STORAGE, NATIVE)
+    b_virtual = _f(s - a, STORAGE, NATIVE)
+    a_virtual = _f(s - b_virtual, STORAGE, NATIVE)
+    return s, _f(_f(a - a_virtual, STORAGE, NATIVE) + _f(b - b_virtual, STORAGE, NATIVE), STORAGE, NATIVE)
+
+
+@triton.jit
+def _fast_two_sum_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    """eft._fast_two_sum: (s, t) as float32 and in storage form (the kernel stores them)."""
+    s, s_raw = _rounded(a + b, STORAGE, NATIVE, PAIRS)
+    t, t_raw = _rounded(b - _f(s - a, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
+    return s, s_raw, t, t_raw
 
 
 @triton.jit
 def _chunk(param_ptr, param_lo_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_sq_lo_ptr, grad_ptr, offsets, mask,
            partials_ptr, pid, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta2_hi, beta2_lo, eps,
            weight_decay, bias_correction1, bias_correction2, STORAGE: tl.constexpr, PLUS: tl.constexpr,
-           METRICS: tl.constexpr):
-    """One chunk of one tensor, in the reference's order (python/leanops/reference/collage.py)."""
-    g = _load(grad_ptr, offsets, mask, STORAGE, False)
-    m = _load(exp_avg_ptr, offsets, mask, STORAGE, False)
-    m = _round(beta1 * m + one_minus_beta1 * g, STORAGE)
-    _store(exp_avg_ptr, offsets, mask, m, STORAGE)
-    square_update = one_minus_beta2 * (g * g)
-    v = _load(exp_avg_sq_ptr, offsets, mask, STORAGE, False)
+           METRICS: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    """One chunk of one tensor, in the reference's order (python/leanops/reference/collage.py). PAIRS: the pointers
+    address 32-bit words, offsets count words, and every value is an (n, 2) tensor (see _widen); mask is then
+    all-true.
+
+    Loads are issued ahead of their use (the prefetch): the moments' operands before anything is computed or stored
+    (the compiler cannot move a load above a store to memory it cannot prove distinct, so loads interleaved with
+    stores would wait for each other), the parameter pair right before the divisions, whose forty-odd instructions
+    per element hide its latency; loaded up front as well, it held eight more registers across the moments, and with
+    float16 the compiler then computed some values twice (about four instructions per element more)."""
+    g_raw = tl.load(grad_ptr + offsets, mask=mask, other=0)
+    m_raw = tl.load(exp_avg_ptr + offsets, mask=mask, other=0)
+    v_raw = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0)
     if PLUS:
-        v_lo = _load(exp_avg_sq_lo_ptr, offsets, mask, STORAGE, False)
-        # Scale((v, v_lo), (F(beta2), F(beta2 - F(beta2)))): the error term's FMA is exact for 16-bit operands.
-        p, e = _two_prod(v, beta2_hi, STORAGE, True)
-        cross = _add(_mul(v, beta2_lo, STORAGE), _mul(v_lo, beta2_hi, STORAGE), STORAGE)
-        v, v_lo = _fast_two_sum(p, _add(e, cross, STORAGE), STORAGE)
+        v_lo_raw = tl.load(exp_avg_sq_lo_ptr + offsets, mask=mask, other=0)
+
+    g = _widen(g_raw, STORAGE, PAIRS)
+    m, m_raw = _rounded(beta1 * _widen(m_raw, STORAGE, PAIRS) + one_minus_beta1 * g, STORAGE, NATIVE, PAIRS)
+    tl.store(exp_avg_ptr + offsets, m_raw, mask=mask)
+    square_update = one_minus_beta2 * (g * g)
+    v = _widen(v_raw, STORAGE, PAIRS)
+    if PLUS:
+        v_lo = _widen(v_lo_raw, STORAGE, PAIRS)
+        # Scale((v, v_lo), (F(beta2), F(beta2 - F(beta2)))) (eft._two_prod, then mcf's Scale): the error term's FMA
+        # is exact for 16-bit operands (the float32 product is exact), fused or not.
+        p = _f(v * beta2_hi, STORAGE, NATIVE)
+        e = _f(tl.fma(v, beta2_hi, -p), STORAGE, NATIVE)
+        cross = _f(_f(v * beta2_lo, STORAGE, NATIVE) + _f(v_lo * beta2_hi, STORAGE, NATIVE), STORAGE, NATIVE)
+        v, _, v_lo, _ = _fast_two_sum_f(p, _f(e + cross, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
         # Grow((v, v_lo), F((1 - beta2) g g)).
-        s, e = _two_sum(v, _round(square_update, STORAGE), STORAGE)
-        v, v_lo = _fast_two_sum(s, _add(e, v_lo, STORAGE), STORAGE)
-        _store(exp_avg_sq_ptr, offsets, mask, v, STORAGE)
-        _store(exp_avg_sq_lo_ptr, offsets, mask, v_lo, STORAGE)
+        s, e = _two_sum_f(v, _f(square_update, STORAGE, NATIVE), STORAGE, NATIVE)
+        v, v_raw, v_lo, v_lo_raw = _fast_two_sum_f(s, _f(e + v_lo, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
+        tl.store(exp_avg_sq_ptr + offsets, v_raw, mask=mask)
+        tl.store(exp_avg_sq_lo_ptr + offsets, v_lo_raw, mask=mask)
         second = v + v_lo
     else:
-        v = _round(beta2 * v + square_update, STORAGE)
-        _store(exp_avg_sq_ptr, offsets, mask, v, STORAGE)
+        v, v_raw = _rounded(beta2 * v + square_update, STORAGE, NATIVE, PAIRS)
+        tl.store(exp_avg_sq_ptr + offsets, v_raw, mask=mask)
         second = v
+    theta_raw = tl.load(param_ptr + offsets, mask=mask, other=0)
+    theta_lo_raw = tl.load(param_lo_ptr + offsets, mask=mask, other=0)
     first = tl.div_rn(m, bias_correction1)
     denominator = tl.sqrt_rn(tl.div_rn(second, bias_correction2)) + eps
-    theta = _load(param_ptr, offsets, mask, STORAGE, False)
-    theta_lo = _load(param_lo_ptr, offsets, mask, STORAGE, False)
+    quotient = tl.div_rn(first, denominator)
+    # The parameter pair is widened after the divisions (whose slow-path calls make the compiler keep few values
+    # alive across them): widened before, its floats were dropped and widened again after them.
+    theta = _widen(theta_raw, STORAGE, PAIRS)
+    theta_lo = _widen(theta_lo_raw, STORAGE, PAIRS)
     before = theta + theta_lo
-    delta = neg_lr * (tl.div_rn(first, denominator) + weight_decay * before)
+    delta = neg_lr * (quotient + weight_decay * before)
     # Grow((theta, theta_lo), F(delta)).
-    s, e = _two_sum(theta, _round(delta, STORAGE), STORAGE)
-    theta, theta_lo = _fast_two_sum(s, _add(e, theta_lo, STORAGE), STORAGE)
-    _store(param_ptr, offsets, mask, theta, STORAGE)
-    _store(param_lo_ptr, offsets, mask, theta_lo, STORAGE)
+    s, e = _two_sum_f(theta, _f(delta, STORAGE, NATIVE), STORAGE, NATIVE)
+    theta, theta_raw, theta_lo, theta_lo_raw = _fast_two_sum_f(s, _f(e + theta_lo, STORAGE, NATIVE), STORAGE,
+                                                               NATIVE, PAIRS)
+    tl.store(param_ptr + offsets, theta_raw, mask=mask)
+    tl.store(param_lo_ptr + offsets, theta_lo_raw, mask=mask)
     if METRICS:
         stored = (theta + theta_lo) - before
         stored64 = stored.to(tl.float64)
         delta64 = delta.to(tl.float64)
-        # float32 factors: their float64 products are exact, as the reference's.
-        descent = tl.sum(tl.where(mask, stored64 * delta64, 0.0), axis=0)
-        squares = tl.sum(tl.where(mask, delta64 * delta64, 0.0), axis=0)
-        lost = tl.sum(tl.where(mask & (stored == 0) & (delta != 0), 1, 0), axis=0)
+        lost = (stored == 0) & (delta != 0)
         row_ptr = partials_ptr + pid.to(tl.int64) * 3
+        # float32 factors: their float64 products are exact, as the reference's.
+        if PAIRS:  # a full chunk: nothing masked
+            descent = tl.sum(tl.sum(stored64 * delta64, axis=1), axis=0)
+            squares = tl.sum(tl.sum(delta64 * delta64, axis=1), axis=0)
+            lost_count = tl.sum(tl.sum(lost.to(tl.int32), axis=1), axis=0)
+        else:
+            descent = tl.sum(tl.where(mask, stored64 * delta64, 0.0), axis=0)
+            squares = tl.sum(tl.where(mask, delta64 * delta64, 0.0), axis=0)
+            lost_count = tl.sum(tl.where(mask & lost, 1, 0), axis=0)
         tl.store(row_ptr, descent)
         tl.store(row_ptr + 1, squares)
-        tl.store(row_ptr + 2, lost.to(tl.float64))
+        tl.store(row_ptr + 2, lost_count.to(tl.float64))
 
 
 @triton.jit
 def _collage_adamw_kernel(table_ptr, n_rows, partials_ptr, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
                           beta2_hi, beta2_lo, eps, weight_decay, bias_correction1, bias_correction2,
                           STORAGE: tl.constexpr, PLUS: tl.constexpr, METRICS: tl.constexpr, ALIGNED: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr):
+                          BLOCK_SIZE: tl.constexpr, NATIVE: tl.constexpr):
     pid = tl.program_id(0)
     row_ptr = table_ptr + _find_row(table_ptr, n_rows, pid).to(tl.int64) * 8
     numel = tl.load(row_ptr + 6)
     start = (pid - tl.load(row_ptr + 7)).to(tl.int64) * BLOCK_SIZE
-    param_ptr = _pointer(row_ptr, 0, start, STORAGE, ALIGNED)
-    param_lo_ptr = _pointer(row_ptr, 1, start, STORAGE, ALIGNED)
-    exp_avg_ptr = _pointer(row_ptr, 2, start, STORAGE, ALIGNED)
-    exp_avg_sq_ptr = _pointer(row_ptr, 3, start, STORAGE, ALIGNED)
-    if PLUS:
-        exp_avg_sq_lo_ptr = _pointer(row_ptr, 4, start, STORAGE, ALIGNED)
+    param = tl.load(row_ptr + 0)
+    param_lo = tl.load(row_ptr + 1)
+    exp_avg = tl.load(row_ptr + 2)
+    exp_avg_sq = tl.load(row_ptr + 3)
+    # exp_avg_sq_lo's column is 0 in light mode, which passes exp_avg_sq's address instead (never read).
+    exp_avg_sq_lo = tl.load(row_ptr + 4) if PLUS else exp_avg_sq
+    grad = tl.load(row_ptr + 5)
+    if ALIGNED and start + BLOCK_SIZE <= numel:
+        # A full chunk of 16-byte aligned operands: a constant mask, 16-byte vector loads and stores. bfloat16 takes
+        # the pair path (32-bit words); float16 one value per element, which LLVM vectorises itself: it computes the
+        # float16 arithmetic in float16x2 instructions (see _f), which the pair path's words would get in the way of.
+        PAIRS: tl.constexpr = STORAGE == 2
+        if NATIVE:
+            # The divisors in registers (x + -0 is exactly x): MUFU.RCP, which each division starts with, cannot read
+            # a kernel argument, and left to itself the compiler reloads it (LDC) for every division.
+            bias_correction1 = tl.inline_asm_elementwise("add.rn.f32 $0, $1, 0f80000000;", "=r,r",
+                                                         [bias_correction1], dtype=tl.float32, is_pure=True, pack=1)
+            bias_correction2 = tl.inline_asm_elementwise("add.rn.f32 $0, $1, 0f80000000;", "=r,r",
+                                                         [bias_correction2], dtype=tl.float32, is_pure=True, pack=1)
+        if PAIRS:
+            full_offsets = tl.arange(0, BLOCK_SIZE // 2)
+            all_true = tl.full([BLOCK_SIZE // 2], 1, tl.int1)
+        else:
+            full_offsets = tl.arange(0, BLOCK_SIZE)
+            all_true = tl.full([BLOCK_SIZE], 1, tl.int1)
+        _chunk(_pointer(param, start, STORAGE, True, PAIRS), _pointer(param_lo, start, STORAGE, True, PAIRS),
+               _pointer(exp_avg, start, STORAGE, True, PAIRS), _pointer(exp_avg_sq, start, STORAGE, True, PAIRS),
+               _pointer(exp_avg_sq_lo, start, STORAGE, True, PAIRS), _pointer(grad, start, STORAGE, True, PAIRS),
+               full_offsets, all_true, partials_ptr, pid, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
+               beta2_hi, beta2_lo, eps, weight_decay, bias_correction1, bias_correction2, STORAGE, PLUS, METRICS,
+               NATIVE, PAIRS)
     else:
-        exp_avg_sq_lo_ptr = exp_avg_sq_ptr  # not read in light mode
-    grad_ptr = _pointer(row_ptr, 5, start, STORAGE, ALIGNED)
-    offsets = tl.arange(0, BLOCK_SIZE)
-    if start + BLOCK_SIZE <= numel:
-        # A full chunk: a constant mask, so that loads and stores vectorise.
-        _chunk(param_ptr, param_lo_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_sq_lo_ptr, grad_ptr, offsets,
-               tl.full([BLOCK_SIZE], 1, tl.int1), partials_ptr, pid, neg_lr, beta1, one_minus_beta1, beta2,
-               one_minus_beta2, beta2_hi, beta2_lo, eps, weight_decay, bias_correction1, bias_correction2, STORAGE,
-               PLUS, METRICS)
-    else:
-        _chunk(param_ptr, param_lo_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_sq_lo_ptr, grad_ptr, offsets,
-               offsets < numel - start, partials_ptr, pid, neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
-               beta2_hi, beta2_lo, eps, weight_decay, bias_correction1, bias_correction2, STORAGE, PLUS, METRICS)
+        # The last, partial chunk of a tensor, or operands off the 16-byte grid: one storage value per element.
+        ELEMENTS: tl.constexpr = False
+        offsets = tl.arange(0, BLOCK_SIZE)
+        _chunk(_pointer(param, start, STORAGE, ALIGNED, ELEMENTS),
+               _pointer(param_lo, start, STORAGE, ALIGNED, ELEMENTS),
+               _pointer(exp_avg, start, STORAGE, ALIGNED, ELEMENTS),
+               _pointer(exp_avg_sq, start, STORAGE, ALIGNED, ELEMENTS),
+               _pointer(exp_avg_sq_lo, start, STORAGE, ALIGNED, ELEMENTS),
+               _pointer(grad, start, STORAGE, ALIGNED, ELEMENTS), offsets, offsets < numel - start, partials_ptr, pid,
+               neg_lr, beta1, one_minus_beta1, beta2, one_minus_beta2, beta2_hi, beta2_lo, eps, weight_decay,
+               bias_correction1, bias_correction2, STORAGE, PLUS, METRICS, NATIVE, ELEMENTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +432,8 @@ def collage_adamw_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor
         _collage_adamw_kernel[(chunks,)](
             table, len(rows), partials, -lr32, beta1_32, one_minus_beta1, beta2_32, one_minus_beta2, beta2_hi,
             beta2_lo, eps32, weight_decay32, bias_correction1_32, bias_correction2_32, STORAGE=_STORAGE_CODE[dtype],
-            PLUS=bool(plus), METRICS=metrics is not None, ALIGNED=aligned, BLOCK_SIZE=block_size, **options)
+            PLUS=bool(plus), METRICS=metrics is not None, ALIGNED=aligned, BLOCK_SIZE=block_size,
+            NATIVE=not interpreted, **options)
     if metrics is not None:
         totals = partials.sum(dim=0)
         metrics[:_PARTIALS] += totals.to(metrics.device)

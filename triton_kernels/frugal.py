@@ -19,6 +19,14 @@ triton_kernels/collage.py does) and steps its chunk of the flat tensor. In COLUM
 of the matrix, e = i * columns + j; it is state-full when p = positions[j] (columns) or positions[i] (rows) is >= 0,
 and its moments are at i * subspace + p (columns: (rows, k) moments) or p * columns + j (rows: (k, columns)).
 
+Memory access. When every streamed operand's address is 16-byte aligned (ALIGNED, checked on the host; the pointers
+then carry a ``tl.multiple_of`` hint), a full chunk takes a path with a constant all-true mask, so that its contiguous
+streams are vector loads and stores (they were one scalar access per element: a mask the compiler cannot see to be
+all-true, and addresses of unknown alignment, keep Triton from vectorising): the parameter, its compensation, the
+gradient and the addend, and in ADAMW mode the moments, which are then at the element's own offset (COLUMNS / ROWS
+gather them through positions). With 4 elements a thread, that is 16 bytes a thread for float32 streams and 8 for
+16-bit ones. The last, partial chunk of a tensor takes a masked path.
+
 Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (the interpreter dereferences host addresses, so the
 pointer table works as on the GPU); BLOCK_SIZE is larger there (fewer, wider programs run faster in numpy).
 """
@@ -33,46 +41,83 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ADAMW, FREE, COLUMNS, ROWS = 0, 1, 2, 3
 
 _ROW = 12
-# 4 elements per thread: the int64 index arithmetic of the matrix modes spilled registers at 2048 (ptxas, sm_90).
+# 4 elements per thread: the int64 index arithmetic of the matrix modes spilled registers at 2048 (ptxas, sm_90);
+# with the full-chunk path beside the masked one, 2048 (16-byte vectors for the 16-bit streams too) takes about 200
+# registers a thread against about 100 at 1024.
 BLOCK_SIZE_GPU = 1024
 NUM_WARPS_GPU = 8
 BLOCK_SIZE_INTERPRETER = 8192
+# Pointer alignment (bytes) that lets full chunks use vector loads and stores.
+_VECTOR_BYTES = 16
 
 
 @triton.jit
-def _address(row_ptr, column: tl.constexpr, STORAGE: tl.constexpr):
+def _address(row_ptr, column: tl.constexpr, STORAGE: tl.constexpr, ALIGNED: tl.constexpr = False):
     """The row's address in `column` as a pointer to values of STORAGE (0 float32, 1 float16, 2 bfloat16 as int16
-    bit patterns, 3 int32)."""
+    bit patterns, 3 int32); ALIGNED: the address is a multiple of 16 bytes (checked on the host), which lets the
+    contiguous loads and stores of a full chunk be vectors."""
     address = tl.load(row_ptr + column)
     if STORAGE == 0:
-        return address.to(tl.pointer_type(tl.float32), bitcast=True)
+        pointer = address.to(tl.pointer_type(tl.float32), bitcast=True)
     elif STORAGE == 1:
-        return address.to(tl.pointer_type(tl.float16), bitcast=True)
+        pointer = address.to(tl.pointer_type(tl.float16), bitcast=True)
     elif STORAGE == 2:
-        return address.to(tl.pointer_type(tl.int16), bitcast=True)
+        pointer = address.to(tl.pointer_type(tl.int16), bitcast=True)
     else:
-        return address.to(tl.pointer_type(tl.int32), bitcast=True)
+        pointer = address.to(tl.pointer_type(tl.int32), bitcast=True)
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
-def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                              decay, free_lr, STORAGE: tl.constexpr, GRAD_STORAGE: tl.constexpr,
-                              COMPENSATED: tl.constexpr, RULE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0)
-    row = _find_row(table_ptr, n_rows, pid, 12, 11)
-    row_ptr = table_ptr + row.to(tl.int64) * 12
-    numel = tl.load(row_ptr + 7)
-    columns = tl.load(row_ptr + 8)
-    subspace = tl.load(row_ptr + 9)
-    mode = tl.load(row_ptr + 10)
-    start = (pid - tl.load(row_ptr + 11)).to(tl.int64) * BLOCK_SIZE
-    step_size = tl.load(scalars_ptr + row.to(tl.int64) * 2)
-    bias_correction2_root = tl.load(scalars_ptr + row.to(tl.int64) * 2 + 1)
-    offsets = start + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < numel
+def _adam_update(work, m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                 bias_correction2_root):
+    """The state-full element's moments and its work, in the reference's order."""
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_root) + eps
+    return work - step_size * tl.div_rn(m, denominator), m, v
 
-    # Which elements are state-full, and where their moments are.
-    if mode >= 2:
+
+@triton.jit
+def _frugal_chunk(row_ptr, offsets, mask, start, columns, subspace, mode, step_size, bias_correction2_root,
+                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, free_lr, STORAGE: tl.constexpr,
+                  GRAD_STORAGE: tl.constexpr, COMPENSATED: tl.constexpr, RULE: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr):
+    """One chunk of one tensor: elements `offsets` (those in `mask`). In a full chunk of aligned operands `mask` is a
+    constant, so that the contiguous streams (parameter, compensation, gradient, addend, and the moments in ADAMW
+    mode) are vector loads and stores: 16 bytes a thread for float32, 8 for 16-bit values (4 elements a thread)."""
+    param_ptr = _address(row_ptr, 0, STORAGE, ALIGNED)
+    theta = _load(param_ptr, offsets, mask, STORAGE, False)
+    if COMPENSATED:
+        param_lo_ptr = _address(row_ptr, 1, STORAGE, ALIGNED)
+        theta_lo = _load(param_lo_ptr, offsets, mask, STORAGE, False)
+        before = theta + theta_lo
+    else:
+        before = theta
+    g = _load(_address(row_ptr, 4, GRAD_STORAGE, ALIGNED), offsets, mask, GRAD_STORAGE, False)
+    addend_address = tl.load(row_ptr + 6)
+    has_addend = addend_address != 0
+    addend_ptr = addend_address.to(tl.pointer_type(tl.float32), bitcast=True)
+    if ALIGNED:
+        addend_ptr = tl.multiple_of(addend_ptr, 16)
+    work = before * decay
+
+    # State-full elements: AdamW on the moments. ADAMW mode has them at the element's own offset (contiguous: vector
+    # loads in a full chunk); COLUMNS / ROWS gather them through positions; FREE has none.
+    full = offsets < 0
+    exp_avg_ptr = _address(row_ptr, 2, 0, ALIGNED)
+    exp_avg_sq_ptr = _address(row_ptr, 3, 0, ALIGNED)
+    if mode == 0:
+        m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+        work, m, v = _adam_update(work, m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                                  bias_correction2_root)
+        tl.store(exp_avg_ptr + offsets, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+        full = offsets >= 0
+    elif mode >= 2:
         # (i, j) from the chunk's first element with one scalar division, then in int32 within the chunk (j0 + k <
         # columns + BLOCK_SIZE < 2^31, checked on the host): a 64-bit division per element costs about as much as
         # the memory traffic on the GPU.
@@ -85,38 +130,16 @@ def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_b
         p = tl.load(positions_ptr + tl.where(mode == 2, j, i), mask=mask, other=-1).to(tl.int64)
         full = p >= 0
         moment = tl.where(mode == 2, i * subspace + p, p * columns + j)
-    else:
-        full = (offsets * 0 + mode) == 0
-        moment = offsets
-    full_mask = mask & full
-
-    param_ptr = _address(row_ptr, 0, STORAGE)
-    theta = _load(param_ptr, offsets, mask, STORAGE, False)
-    if COMPENSATED:
-        param_lo_ptr = _address(row_ptr, 1, STORAGE)
-        theta_lo = _load(param_lo_ptr, offsets, mask, STORAGE, False)
-        before = theta + theta_lo
-    else:
-        before = theta
-    g = _load(_address(row_ptr, 4, GRAD_STORAGE), offsets, mask, GRAD_STORAGE, False)
-    work = before * decay
-
-    # State-full elements: AdamW on the moments.
-    exp_avg_ptr = _address(row_ptr, 2, 0)
-    exp_avg_sq_ptr = _address(row_ptr, 3, 0)
-    m = tl.load(exp_avg_ptr + moment, mask=full_mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + moment, mask=full_mask, other=0.0)
-    m = beta1 * m + one_minus_beta1 * g
-    v = beta2 * v + one_minus_beta2 * (g * g)
-    tl.store(exp_avg_ptr + moment, m, mask=full_mask)
-    tl.store(exp_avg_sq_ptr + moment, v, mask=full_mask)
-    denominator = tl.div_rn(tl.sqrt_rn(v), bias_correction2_root) + eps
-    work = tl.where(full, work - step_size * tl.div_rn(m, denominator), work)
+        full_mask = mask & full
+        m = tl.load(exp_avg_ptr + moment, mask=full_mask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + moment, mask=full_mask, other=0.0)
+        updated, m, v = _adam_update(work, m, v, g, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                                     bias_correction2_root)
+        tl.store(exp_avg_ptr + moment, m, mask=full_mask)
+        tl.store(exp_avg_sq_ptr + moment, v, mask=full_mask)
+        work = tl.where(full, updated, work)
 
     # The addend (random / svd: the projected-back AdamW update).
-    addend_address = tl.load(row_ptr + 6)
-    addend_ptr = addend_address.to(tl.pointer_type(tl.float32), bitcast=True)
-    has_addend = addend_address != 0
     addend = tl.load(addend_ptr + offsets, mask=mask & has_addend, other=0.0)
     work = tl.where(has_addend, work + addend, work)
 
@@ -135,6 +158,33 @@ def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_b
     else:
         theta = _round(work, STORAGE)
     _store(param_ptr, offsets, mask, theta, STORAGE)
+
+
+@triton.jit
+def _frugal_split_step_kernel(table_ptr, scalars_ptr, n_rows, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                              decay, free_lr, STORAGE: tl.constexpr, GRAD_STORAGE: tl.constexpr,
+                              COMPENSATED: tl.constexpr, RULE: tl.constexpr, ALIGNED: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0)
+    row = _find_row(table_ptr, n_rows, pid, 12, 11)
+    row_ptr = table_ptr + row.to(tl.int64) * 12
+    numel = tl.load(row_ptr + 7)
+    columns = tl.load(row_ptr + 8)
+    subspace = tl.load(row_ptr + 9)
+    mode = tl.load(row_ptr + 10)
+    start = (pid - tl.load(row_ptr + 11)).to(tl.int64) * BLOCK_SIZE
+    step_size = tl.load(scalars_ptr + row.to(tl.int64) * 2)
+    bias_correction2_root = tl.load(scalars_ptr + row.to(tl.int64) * 2 + 1)
+    offsets = start + tl.arange(0, BLOCK_SIZE)
+    if ALIGNED and start + BLOCK_SIZE <= numel:
+        # A full chunk of 16-byte aligned operands: a constant mask, so that the contiguous streams vectorise.
+        _frugal_chunk(row_ptr, offsets, tl.full([BLOCK_SIZE], 1, tl.int1), start, columns, subspace, mode,
+                      step_size, bias_correction2_root, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay,
+                      free_lr, STORAGE, GRAD_STORAGE, COMPENSATED, RULE, True, BLOCK_SIZE)
+    else:
+        _frugal_chunk(row_ptr, offsets, offsets < numel, start, columns, subspace, mode, step_size,
+                      bias_correction2_root, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, free_lr,
+                      STORAGE, GRAD_STORAGE, COMPENSATED, RULE, False, BLOCK_SIZE)
 
 
 def _check(params, params_lo, exp_avgs, exp_avg_sqs, grads, positions, addends, modes, step_sizes,
@@ -220,7 +270,7 @@ def frugal_split_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor]
         raise RuntimeError("leanops_triton.frugal_split_step_: the Triton kernel runs on CUDA tensors (or on the CPU "
                            "under TRITON_INTERPRET=1)")
     block_size = BLOCK_SIZE_INTERPRETER if interpreted else BLOCK_SIZE_GPU
-    rows, scalars, chunks = [], [], 0
+    rows, scalars, chunks, aligned = [], [], 0, True
     for index, theta in enumerate(params):
         numel = theta.numel()
         if numel == 0:
@@ -237,12 +287,16 @@ def frugal_split_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor]
             if columns + block_size >= 2 ** 31:
                 raise ValueError(f"leanops_triton.frugal_split_step_: params[{index}] has rows of {columns} "
                                  "elements; the Triton kernel indexes a row in int32 (fewer than 2^31 - 8192)")
-        rows.append([theta.data_ptr(), params_lo[index].data_ptr() if params_lo else 0,
-                     exp_avgs[index].data_ptr() if has_moments else 0,
-                     exp_avg_sqs[index].data_ptr() if has_moments else 0, grads[index].data_ptr(),
-                     positions[index].data_ptr() if matrix else 0,
-                     addends[index].data_ptr() if addends[index].numel() else 0,
-                     numel, columns, subspace, mode, chunks])
+        row = [theta.data_ptr(), params_lo[index].data_ptr() if params_lo else 0,
+               exp_avgs[index].data_ptr() if has_moments else 0,
+               exp_avg_sqs[index].data_ptr() if has_moments else 0, grads[index].data_ptr(),
+               positions[index].data_ptr() if matrix else 0,
+               addends[index].data_ptr() if addends[index].numel() else 0,
+               numel, columns, subspace, mode, chunks]
+        # Every streamed operand's address (positions is gathered: not needed) a multiple of 16 bytes: full chunks
+        # take vector loads and stores (ALIGNED). 0 (no such operand) is aligned.
+        aligned = aligned and all(address % _VECTOR_BYTES == 0 for address in row[:5] + row[6:7])
+        rows.append(row)
         scalars.append([step_sizes[index], bias_correction2_roots[index]])
         chunks += triton.cdiv(numel, block_size)
     if not rows:
@@ -260,4 +314,4 @@ def frugal_split_step_(params: list[torch.Tensor], params_lo: list[torch.Tensor]
         _frugal_split_step_kernel[(chunks,)](
             table, scalar_table, len(rows), beta1_32, one_minus_beta1, beta2_32, one_minus_beta2, eps32, decay32,
             free_lr32, STORAGE=_STORAGE_CODE[dtype], GRAD_STORAGE=_STORAGE_CODE[grads[0].dtype],
-            COMPENSATED=bool(params_lo), RULE=int(state_free), BLOCK_SIZE=block_size, **options)
+            COMPENSATED=bool(params_lo), RULE=int(state_free), ALIGNED=aligned, BLOCK_SIZE=block_size, **options)

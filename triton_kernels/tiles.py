@@ -76,18 +76,21 @@ def unpadded(gradient: torch.Tensor, features: int) -> torch.Tensor:
 def product_tile(anchor_ptr, other_ptr, rows_a, mask_a, rows_b, mask_b, D,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr):
-    """P[a, b] = <anchor_a, other_b> for a BLOCK_M x BLOCK_N tile of row-major (R, D) matrices, float32; zero where
-    a row is masked."""
+    """P[a, b] = <anchor_a, other_b> for a BLOCK_M x BLOCK_N tile of row-major (R, D) matrices, float32. Masked rows
+    read row 0 instead (a valid address: fewer predicates and registers than masked loads); their entries are
+    garbage that every caller masks."""
     product = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    columns = tl.arange(0, BLOCK_D)
     # int64 row offsets: R * D may exceed 2**31 elements.
-    anchor_rows = anchor_ptr + rows_a.to(tl.int64)[:, None] * D
-    other_rows = other_ptr + rows_b.to(tl.int64)[:, None] * D
+    anchor = anchor_ptr + tl.where(mask_a, rows_a, 0).to(tl.int64)[:, None] * D + columns[None, :]
+    other = other_ptr + tl.where(mask_b, rows_b, 0).to(tl.int64)[:, None] * D + columns[None, :]
     for start in range(0, D, BLOCK_D):
-        columns = start + tl.arange(0, BLOCK_D)
-        mask_d = columns < D
-        u = tl.load(anchor_rows + columns[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(other_rows + columns[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        mask_d = columns < D - start
+        u = tl.load(anchor, mask=mask_d[None, :], other=0.0)
+        v = tl.load(other, mask=mask_d[None, :], other=0.0)
         product = tl.dot(u, tl.trans(v), product, input_precision=INPUT_PRECISION)
+        anchor += BLOCK_D
+        other += BLOCK_D
     return product
 
 

@@ -1,53 +1,42 @@
-// CPU kernels of the blockwise contrastive losses: CLIP/InfoNCE (clip_forward, clip_backward) and SigLIP
-// (siglip_forward, siglip_backward). csrc/ops.cpp states the math of each op; python/leanops/contrastive.py
-// documents it.
+// The CPU provider of the contrastive primitives: CLIP/InfoNCE (clip_forward, clip_backward) and SigLIP
+// (siglip_forward, siglip_backward). The plan, its math and its GEMMs are leanops/contrastive_plan_host.h's, shared
+// with the CUDA provider; this file holds what runs between the GEMMs on the CPU, the fused steps over one row panel
+// of S (P rows x B columns, float32), and the CPU's GEMM schedule (leanops/tile_cpu.h: fixed blocks, one MKL thread
+// each, so results do not depend on the thread count).
 //
-// The B x B similarity matrix S = image @ text^T never exists. Rows and columns are cut into blocks of kBlock; a
-// task computes one S tile (kBlock x kBlock, fp32) with ATen's CPU matmul (MKL sgemm: far faster than a loop of
-// ours; leanops/tile_cpu.h, shared with csrc/cpu/cross_entropy.cpp), then runs a fused pass over the tile, the
-// "epilogue": exponentials, running maxima and sums, the gradient weights G. The backward recomputes the tiles
-// instead of storing anything B x B. Memory: O(B * D) for the fp32 features and the outputs, O(B) for the running
-// statistics, two tiles of scratch per thread. Everything accumulates in fp32.
+// Features. bf16/fp16 features are converted to float32 once, up front (Steps::gemm_operand): MKL multiplies float32,
+// and converting per panel would redo the text features' conversion for every panel. G is float32 and overwrites S
+// in place (no second panel).
 //
-// Parallel schedule. CLIP needs statistics of rows (over j) and of columns (over i), and both backwards write rows
-// (grad_image) and columns (grad_text). Rather than giving every thread private copies of the column outputs
-// (O(threads * B * D)), or computing every tile twice (once per side), tiles are visited in diagonals of block
-// groups: the nb row (and column) blocks form P = min(nb, threads) contiguous groups; step s = 0 .. P-1 runs the P
-// row groups g in parallel, and task g sweeps the rectangle (row group g) x (column group (g + s) mod P). Within a
-// step the tasks hold pairwise distinct row groups and pairwise distinct column groups, so each owns its rows and
-// its columns outright: no races, no atomics, no partial buffers, every tile computed once, and after P steps every
-// tile has been visited. That costs P fork/joins per call, and balances like a per-block diagonal schedule (steps of
-// single blocks) with fewer synchronisations, which matters when the cores are shared. Results are deterministic
-// for a given thread count; the order in which a row meets its column blocks (hence the last bits) depends on P.
-// siglip_forward has only row outputs: it runs over row blocks, each sweeping all column blocks.
+// Steps. A panel is cut into blocks of kRowBlock rows, fixed by the panel (never by the thread count), and the blocks
+// run in parallel (at::parallel_for). A block sweeps its rows' columns in tiles of kColumnTile and runs an "epilogue"
+// per tile: exponentials, the running row statistics of its rows (complete once its sweep ends: a panel holds every
+// column), and its own partial column statistics, one (B,) row of a per-panel scratch per block. The column partials
+// of the blocks are then merged in block order into the running column statistics of the plan (clip_forward: the
+// (max, sum of exponentials) of every column, panel_math::merge_log_sum_exp; clip_backward: sum_i q S). So each output
+// is reduced in a fixed order, with no races and no atomics. Scratch: blocks x B floats per column statistic, a 64th
+// of the panel. siglip has only row outputs. The scalars of siglip_backward are reduced from per-row partials by a
+// fixed pairwise sum.
+//
+// The epilogues are written with explicit 8-lane vectors and branch-free exp/log1p polynomials
+// (leanops/vector_cpu.h), compiled twice on x86-64 like csrc/cpu/mcf.cpp: baseline SSE2 and an AVX2 + FMA clone
+// chosen at run time; the gradient formulas are leanops/panel_math.h's, shared with the CUDA steps. Exponentials
+// dominate the steps' time at small D, where a libm call per element would cost about four times as much.
 //
 // at::parallel_for parallelises only where this file is compiled with OpenMP (-fopenmp: ATen/ParallelOpenMP.h runs
-// the loop serially otherwise). Inside its OpenMP region each tile matmul runs single-threaded, as it should. Built
-// without OpenMP, the tiles run one after another and MKL splits each small tile matmul over all of torch's threads,
-// which is slower than one thread, and far slower on shared cores (measured on 2 shared cores: 190 s instead of
-// 3 s for clip_forward + clip_backward at B = 16384, D = 64).
-//
-// Input dtype. bf16/fp16 features are converted to fp32 once, up front (O(B * D) extra memory, small next to the
-// B x B the op avoids): converting block by block would redo the conversion of every text block for every row
-// block, nb times the work.
-//
-// The epilogues are written with explicit 8-lane vectors and branch-free exp/log1p polynomials, compiled twice on
-// x86-64 like csrc/cpu/mcf.cpp: baseline SSE2 and an AVX2 + FMA clone chosen at run time. Exponentials dominate
-// the time at small D, where a libm call per element would cost about four times as much.
+// the loop serially otherwise).
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <limits>
-#include <memory>
 #include <tuple>
 #include <vector>
 
 #include "leanops/contrastive_host.h"
+#include "leanops/contrastive_plan_host.h"
+#include "leanops/panel_math.h"
 #include "leanops/tile_cpu.h"
 #include "leanops/vector_cpu.h"
 
@@ -55,34 +44,36 @@ namespace leanops {
 namespace contrastive {
 namespace {
 
-// Rows (and columns) per tile: a 256 x 256 fp32 tile is 256 KiB, which stays in L2 across the epilogue's passes,
-// and sgemm on 256-row panels runs near its peak.
-constexpr int64_t kBlock = 256;
+// Rows of a panel per block (one task), and columns per tile: a 128 x 256 float32 tile is 128 KiB, which stays in
+// L2 across the epilogue's passes.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColumnTile = 256;
 
 using namespace cpu_vector;  // NOLINT: the epilogues are written in its vocabulary
-using cpu_tile::float32_contiguous;
 using cpu_tile::num_blocks;
+
+static_assert(kColumnTile % kWidth == 0, "per-column scratch is read in whole vectors");
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tile epilogues. Each is a functor whose operator() is force-inlined into a baseline and an AVX2 + FMA clone
-// (run_cloned), so the same source compiles to both. Tiles are R x C (R, C <= kBlock), row-major with leading
-// dimension C; pointers to per-row data are offset to the tile's first row, per-column data to its first column.
-// Per-column inputs are first copied into zero-padded local arrays, so whole vectors can be read past column C;
-// tile rows are read and written in whole vectors up to the last, partial one (load_partial/store_partial), and
-// the padding lanes of a row reduction are masked out.
+// (run_cloned), so the same source compiles to both. A tile is R x C (R <= kRowBlock, C <= kColumnTile) entries of
+// the panel, row-major with leading dimension `stride` (= B); pointers to per-row data are offset to the tile's
+// first row, per-column data to its first column. Per-column inputs are first copied into zero-padded local arrays,
+// so whole vectors can be read past column C; tile rows are read and written in whole vectors up to the last,
+// partial one (load_partial/store_partial), and the padding lanes of a row reduction are masked out.
 
-// What every epilogue reads of its tile: S's R x C entries (row-major, leading dimension C).
+// What every epilogue reads of its tile: S's R x C entries.
 struct Tile {
   const float* similarity;
-  int64_t rows, cols;
+  int64_t rows, cols, stride;
 };
 
-// Copies n values (per-column inputs of a tile) into a kBlock array, padding with `fill`.
+// Copies n values (per-column inputs of a tile) into a kColumnTile array, padding with `fill`.
 template <typename T>
 LEANOPS_INLINE void copy_padded(T* out, const T* in, int64_t n, T fill) {
   int64_t c = 0;
   for (; c < n; ++c) out[c] = in[c];
-  for (; c < kBlock; ++c) out[c] = fill;
+  for (; c < kColumnTile; ++c) out[c] = fill;
 }
 
 // What both CLIP epilogues read: the scales of the tile's rows and columns.
@@ -90,12 +81,12 @@ struct ClipTile : Tile {
   const float* row_scale;
   const float* col_scale;
 
-  // The columns' scales in a kBlock array, padded with 0.
+  // The columns' scales in a kColumnTile array, padded with 0.
   LEANOPS_INLINE void column_scales(float* out) const { copy_padded(out, col_scale, cols, 0.0f); }
 };
 
 // CLIP forward: folds one tile into the running (max, sum of exp(z - max)) of its rows (z = row_scale * S) and of
-// its columns (z = col_scale * S).
+// its columns (z = col_scale * S; the block's partial column statistics).
 struct ClipForwardTile : ClipTile {
   float* row_max;
   float* row_sum;
@@ -103,18 +94,18 @@ struct ClipForwardTile : ClipTile {
   float* col_sum;
 
   LEANOPS_INLINE void operator()() const {
-    alignas(32) float scale_c[kBlock];
-    alignas(32) float old_max_c[kBlock];
-    alignas(32) float new_max_c[kBlock];
-    alignas(32) float sum_c[kBlock];
-    float new_max_r[kBlock];
+    alignas(32) float scale_c[kColumnTile];
+    alignas(32) float old_max_c[kColumnTile];
+    alignas(32) float new_max_c[kColumnTile];
+    alignas(32) float sum_c[kColumnTile];
+    float new_max_r[kRowBlock];
     column_scales(scale_c);
     const int64_t C = cols;
     copy_padded(old_max_c, col_max, C, 0.0f);
-    for (int64_t c = 0; c < kBlock; ++c) new_max_c[c] = old_max_c[c];
+    for (int64_t c = 0; c < kColumnTile; ++c) new_max_c[c] = old_max_c[c];
     // Pass 1, maxima: a row's is complete at once (its exponentials need it); columns accumulate over the rows.
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s_row = similarity + r * C;
+      const float* s_row = similarity + r * stride;
       const vfloat scale = splat(row_scale[r]);
       vfloat row_best = splat(-kInfinity);
       for (int64_t c = 0; c < C; c += kWidth) {
@@ -125,10 +116,10 @@ struct ClipForwardTile : ClipTile {
       }
       new_max_r[r] = std::max(row_max[r], horizontal_max(row_best));
     }
-    for (int64_t c = 0; c < kBlock; ++c) sum_c[c] = 0.0f;
+    for (int64_t c = 0; c < kColumnTile; ++c) sum_c[c] = 0.0f;
     // Pass 2, exponentials against the new maxima: every argument is <= 0, so no overflow at any scale.
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s_row = similarity + r * C;
+      const float* s_row = similarity + r * stride;
       const vfloat scale = splat(row_scale[r]);
       const vfloat m = splat(new_max_r[r]);
       vfloat row_total = splat(0.0f);
@@ -150,32 +141,33 @@ struct ClipForwardTile : ClipTile {
 };
 
 // CLIP backward: G = row_weight * row_scale * p + col_weight * col_scale * q for one tile, where
-// p = exp(row_scale * S - row_lse) and q = exp(col_scale * S - col_lse); accumulates sum_j p S into row_ps and
-// sum_i q S into col_qs (the weights are applied once, at the end).
+// p = exp(row_scale * S - row_lse) and q = exp(col_scale * S - col_lse), written over S (`gradient` may be the
+// tile's own memory: each vector is read before it is written); accumulates sum_j p S into row_ps and sum_i q S
+// into col_qs (the weights are applied once, at the end).
 struct ClipBackwardTile : ClipTile {
   const float* row_lse;
   const float* col_lse;
   const float* row_weight;
   const float* col_weight;
-  float* weights;  // G, R x C
+  float* gradient;  // R x C, leading dimension stride
   float* row_ps;
   float* col_qs;
 
   LEANOPS_INLINE void operator()() const {
-    alignas(32) float scale_c[kBlock];
-    alignas(32) float lse_c[kBlock];
-    alignas(32) float coefficient_c[kBlock];
-    alignas(32) float qs_c[kBlock];
+    alignas(32) float scale_c[kColumnTile];
+    alignas(32) float lse_c[kColumnTile];
+    alignas(32) float coefficient_c[kColumnTile];
+    alignas(32) float qs_c[kColumnTile];
     column_scales(scale_c);
     const int64_t C = cols;
     copy_padded(lse_c, col_lse, C, 0.0f);
-    for (int64_t c = 0; c < kBlock; ++c) {
+    for (int64_t c = 0; c < kColumnTile; ++c) {
       coefficient_c[c] = c < C ? col_weight[c] * scale_c[c] : 0.0f;
       qs_c[c] = 0.0f;
     }
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s_row = similarity + r * C;
-      float* g_row = weights + r * C;
+      const float* s_row = similarity + r * stride;
+      float* g_row = gradient + r * stride;
       const vfloat scale = splat(row_scale[r]);
       const vfloat lse = splat(row_lse[r]);
       const vfloat coefficient_r = splat(row_weight[r] * row_scale[r]);
@@ -185,7 +177,7 @@ struct ClipBackwardTile : ClipTile {
         const vfloat s = load_partial(s_row + c, n);
         const vfloat p = exp(scale * s - lse);
         const vfloat q = exp(load(scale_c + c) * s - load(lse_c + c));
-        store_partial(g_row + c, coefficient_r * p + load(coefficient_c + c) * q, n);
+        store_partial(g_row + c, panel_math::clip_gradient(coefficient_r, p, load(coefficient_c + c), q), n);
         ps += lanes_below(n) ? p * s : splat(0.0f);
         store(qs_c + c, load(qs_c + c) + q * s);
       }
@@ -199,10 +191,10 @@ struct ClipBackwardTile : ClipTile {
 // columns.
 struct SiglipTile : Tile {
   float scale, bias;
-  const int32_t* row_group;  // dense group ids (see dense_group_ids)
+  const int32_t* row_group;  // dense group ids (see prepare_groups)
   const int32_t* col_group;
 
-  // The columns' group ids in a kBlock array, padded (the padding lanes are masked out of every row reduction).
+  // The columns' group ids in a kColumnTile array, padded (the padding lanes are masked out of every row reduction).
   LEANOPS_INLINE void column_groups(int32_t* out) const { copy_padded(out, col_group, cols, 0); }
 };
 
@@ -211,11 +203,11 @@ struct SiglipForwardTile : SiglipTile {
   float* row_loss;
 
   LEANOPS_INLINE void operator()() const {
-    alignas(32) int32_t group_c[kBlock];
+    alignas(32) int32_t group_c[kColumnTile];
     column_groups(group_c);
     const int64_t C = cols;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s_row = similarity + r * C;
+      const float* s_row = similarity + r * stride;
       const vint group = splat_int(row_group[r]);
       vfloat total = splat(0.0f);
       for (int64_t c = 0; c < C; c += kWidth) {
@@ -229,21 +221,21 @@ struct SiglipForwardTile : SiglipTile {
   }
 };
 
-// SigLIP backward: D = -row_weight * label * sigmoid(-label * z) for one tile, z = scale * S + bias; accumulates
-// sum_c D and sum_c D S per row.
+// SigLIP backward: D = -row_weight * label * sigmoid(-label * z) for one tile, z = scale * S + bias; writes
+// G = scale * D over S (as ClipBackwardTile) and accumulates sum_c D and sum_c D S per row.
 struct SiglipBackwardTile : SiglipTile {
   const float* row_weight;
-  float* weights;  // D, R x C
+  float* gradient;
   float* row_d;
   float* row_ds;
 
   LEANOPS_INLINE void operator()() const {
-    alignas(32) int32_t group_c[kBlock];
+    alignas(32) int32_t group_c[kColumnTile];
     column_groups(group_c);
     const int64_t C = cols;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* s_row = similarity + r * C;
-      float* d_row = weights + r * C;
+      const float* s_row = similarity + r * stride;
+      float* g_row = gradient + r * stride;
       const vint group = splat_int(row_group[r]);
       const vfloat weight = splat(row_weight[r]);
       vfloat d_total = splat(0.0f);
@@ -253,9 +245,8 @@ struct SiglipBackwardTile : SiglipTile {
         const vfloat s = load_partial(s_row + c, n);
         const vfloat z = s * scale + bias;
         const vint same = load_int(group_c + c) == group;
-        const vfloat sig = sigmoid(same ? -z : z);
-        const vfloat d = same ? -weight * sig : weight * sig;
-        store_partial(d_row + c, d, n);
+        const vfloat d = panel_math::siglip_logit_gradient(same, weight, sigmoid(same ? -z : z));
+        store_partial(g_row + c, d * scale, n);
         const vint valid = lanes_below(n);
         d_total += valid ? d : splat(0.0f);
         ds_total += valid ? d * s : splat(0.0f);
@@ -267,124 +258,198 @@ struct SiglipBackwardTile : SiglipTile {
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Tile matmuls (leanops/tile_cpu.h).
+// Sweeps.
 
-// Row-major (B, D) fp32 features (the input, or its fp32 copy: see the file comment) and the block of rows
-// [first, first + count).
-struct Features {
-  at::Tensor fp32;
-  const float* data;
-  int64_t dim;
+// A panel as the steps see it: its rows x B float32 entries and its first row in the batch.
+struct PanelRows {
+  const float* similarity;
+  int64_t rows, batch, first_row;
 
-  explicit Features(const at::Tensor& features)
-      : fp32(float32_contiguous(features)), data(fp32.const_data_ptr<float>()), dim(fp32.size(1)) {}
-  const float* row(int64_t first) const { return data + first * dim; }
-  at::Tensor block(int64_t first, int64_t count) const { return cpu_tile::wrap(row(first), count, dim); }
-};
+  explicit PanelRows(const at::Tensor& similarity_panel, int64_t first)
+      : similarity(similarity_panel.const_data_ptr<float>()),
+        rows(similarity_panel.size(0)),
+        batch(similarity_panel.size(1)),
+        first_row(first) {}
 
-// similarity (R x C, leading dimension C) = x[i0 : i0 + R] @ y[j0 : j0 + C]^T; returns the Tile of its epilogues.
-Tile similarity_tile(const Features& x, int64_t i0, int64_t R, const Features& y, int64_t j0, int64_t C,
-                     float* similarity) {
-  cpu_tile::product_tile(x.row(i0), R, y.row(j0), C, x.dim, similarity);
-  return Tile{similarity, R, C};
-}
+  int64_t blocks() const { return num_blocks(rows, kRowBlock); }
 
-// grad_x[i0 : i0 + R] += alpha * G @ y[j0 : j0 + C]; grad_y[j0 : j0 + C] += alpha * G^T @ x[i0 : i0 + R].
-void accumulate_gradients(const float* weights, float alpha, const Features& x, int64_t i0, int64_t R,
-                          const Features& y, int64_t j0, int64_t C, float* grad_x, float* grad_y) {
-  if (x.dim == 0) return;
-  const at::Tensor g = cpu_tile::wrap(weights, R, C);
-  const at::Tensor g_transposed = cpu_tile::wrap_transposed(weights, R, C);
-  at::Tensor grad_x_block = cpu_tile::wrap(grad_x + i0 * x.dim, R, x.dim);
-  at::Tensor grad_y_block = cpu_tile::wrap(grad_y + j0 * y.dim, C, y.dim);
-  at::cpu::addmm_out(grad_x_block, grad_x_block, g, y.block(j0, C), /*beta=*/1.0f, /*alpha=*/alpha);
-  at::cpu::addmm_out(grad_y_block, grad_y_block, g_transposed, x.block(i0, R), /*beta=*/1.0f, /*alpha=*/alpha);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Schedules.
-
-// A task's buffer for S's tiles.
-struct TileScratch {
-  std::unique_ptr<float[]> similarity{new float[kBlock * kBlock]};
-
-  // S's tile of rows [i0, i0 + kBlock) and columns [j0, j0 + kBlock), cut at B.
-  Tile tile(const Features& x, int64_t i0, const Features& y, int64_t j0, int64_t batch) {
-    return similarity_tile(x, i0, std::min(kBlock, batch - i0), y, j0, std::min(kBlock, batch - j0),
-                           similarity.get());
+  // The tile of the panel's rows [r0, r0 + kRowBlock) and columns [c0, c0 + kColumnTile), cut at the panel's end.
+  Tile tile(int64_t r0, int64_t c0) const {
+    return Tile{similarity + r0 * batch + c0, std::min(kRowBlock, rows - r0), std::min(kColumnTile, batch - c0),
+                batch};
   }
 };
 
-// Calls fn(tile, i0, j0, weights) for every (row block, column block) pair with S's tile (rows from i0, columns from
-// j0) computed, in diagonals of block groups: within one parallel step no two tasks share a row block or a column
-// block (see the file comment). `weights` is the task's R x C scratch for the gradient weights (with_weights only).
+// Calls fn(block, r0, rows) for every block of kRowBlock panel rows, in parallel: a task owns its blocks' rows and
+// the blocks' rows of any per-block scratch.
 template <typename Fn>
-void for_each_tile_by_diagonals(const Features& x, const Features& y, int64_t batch, bool with_weights, const Fn& fn) {
-  const int64_t blocks = num_blocks(batch, kBlock);
-  const int64_t groups = std::min<int64_t>(blocks, std::max(1, at::get_num_threads()));
-  // Group g holds blocks [g * blocks / groups, (g + 1) * blocks / groups): sizes differ by at most one block.
-  const auto group_begin = [&](int64_t g) { return g * blocks / groups * kBlock; };
-  for (int64_t step = 0; step < groups; ++step) {
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      TileScratch scratch;
-      std::unique_ptr<float[]> weights(with_weights ? new float[kBlock * kBlock] : nullptr);
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t h = (g + step) % groups;
-        for (int64_t i0 = group_begin(g); i0 < group_begin(g + 1); i0 += kBlock) {
-          for (int64_t j0 = group_begin(h); j0 < group_begin(h + 1); j0 += kBlock) {
-            fn(scratch.tile(x, i0, y, j0, batch), i0, j0, weights.get());
-          }
-        }
-      }
-    });
-  }
-}
-
-// Calls fn(tile, i0, j0) for every tile of S, in parallel over row blocks; a task sweeps all column blocks.
-template <typename Fn>
-void for_each_tile_by_rows(const Features& x, const Features& y, int64_t batch, const Fn& fn) {
-  const int64_t blocks = num_blocks(batch, kBlock);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    TileScratch scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t i0 = i * kBlock;
-      for (int64_t j0 = 0; j0 < batch; j0 += kBlock) fn(scratch.tile(x, i0, y, j0, batch), i0, j0);
+void for_each_block(const PanelRows& panel, const Fn& fn) {
+  at::parallel_for(0, panel.blocks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kRowBlock;
+      fn(block, r0, std::min(kRowBlock, panel.rows - r0));
     }
   });
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// The ops.
-
-at::Tensor empty_float32(const at::Tensor& like, at::IntArrayRef sizes) {
-  return at::empty(sizes, like.options().dtype(at::kFloat));
+// Calls fn(j) for every column j < batch, in parallel (each column has one owner).
+template <typename Fn>
+void for_each_column(int64_t batch, const Fn& fn) {
+  at::parallel_for(0, batch, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) fn(j);
+  });
 }
+
+// The sum of n floats by recursive halving: a fixed order, with rounding errors that grow with log2(n).
+float pairwise_sum(const float* values, int64_t n) {
+  if (n <= 8) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < n; ++k) total += values[k];
+    return total;
+  }
+  const int64_t half = n / 2;
+  return pairwise_sum(values, half) + pairwise_sum(values + half, n - half);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The steps of the plan (leanops/contrastive_plan_host.h documents the interface).
+
+struct CpuSteps {
+  static at::Tensor gemm_operand(const at::Tensor& features) { return cpu_tile::float32_contiguous(features); }
+  static at::ScalarType gradient_dtype(at::ScalarType /*features*/) { return at::kFloat; }
+  static bool scales_gradient(at::ScalarType /*features*/) { return false; }
+  static at::Tensor gradient_scale(const at::Tensor& /*bound*/) {
+    TORCH_INTERNAL_ASSERT(false, "the CPU steps keep G in float32, unscaled");
+    return {};
+  }
+
+  static void multiply(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    cpu_tile::multiply(out, a, b, accumulate);
+  }
+
+  // Group ids as dense int32 (equal ids stay equal, distinct stay distinct), so the label test in the epilogue
+  // compares 32-bit lanes alongside the 32-bit floats and vectorises.
+  static at::Tensor prepare_groups(const at::Tensor& groups) {
+    const at::Tensor inverse = std::get<1>(at::_unique(groups, /*sorted=*/true, /*return_inverse=*/true));
+    return inverse.to(at::kInt).contiguous();
+  }
+
+  static at::Tensor sum_rows(const at::Tensor& matrix) {
+    const at::Tensor m = matrix.contiguous();
+    at::Tensor totals = at::empty({m.size(0)}, m.options());
+    for (int64_t k = 0; k < m.size(0); ++k) {
+      totals.mutable_data_ptr<float>()[k] = pairwise_sum(m.const_data_ptr<float>() + k * m.size(1), m.size(1));
+    }
+    return totals;
+  }
+
+  static void clip_forward(const ClipForwardPanel& step) {
+    const PanelRows panel(step.similarity, step.first_row);
+    const int64_t batch = panel.batch;
+    const float* scale = step.scale.const_data_ptr<float>();
+    float* row_lse = step.row_lse.mutable_data_ptr<float>() + panel.first_row;
+    // Per block, the (max, sum) of every column over the block's rows.
+    std::vector<float> partial_max(panel.blocks() * batch, -kInfinity);
+    std::vector<float> partial_sum(panel.blocks() * batch, 0.0f);
+    for_each_block(panel, [&](int64_t block, int64_t r0, int64_t rows) {
+      float row_max[kRowBlock], row_sum[kRowBlock];
+      std::fill_n(row_max, rows, -kInfinity);
+      std::fill_n(row_sum, rows, 0.0f);
+      for (int64_t c0 = 0; c0 < batch; c0 += kColumnTile) {
+        const int64_t partial = block * batch + c0;
+        run_cloned(ClipForwardTile{{panel.tile(r0, c0), scale + panel.first_row + r0, scale + c0}, row_max, row_sum,
+                                   partial_max.data() + partial, partial_sum.data() + partial});
+      }
+      for (int64_t r = 0; r < rows; ++r) row_lse[r0 + r] = row_max[r] + std::log(row_sum[r]);
+    });
+    float* column_max = step.column_max.mutable_data_ptr<float>();
+    float* column_sum = step.column_sum.mutable_data_ptr<float>();
+    for_each_column(batch, [&](int64_t j) {
+      for (int64_t block = 0; block < panel.blocks(); ++block) {
+        panel_math::merge_log_sum_exp(column_max[j], column_sum[j], partial_max[block * batch + j],
+                                      partial_sum[block * batch + j]);
+      }
+    });
+  }
+
+  static void clip_backward(const ClipBackwardPanel& step) {
+    const PanelRows panel(step.similarity, step.first_row);
+    const int64_t batch = panel.batch;
+    const int64_t first = panel.first_row;
+    const float* scale = step.scale.const_data_ptr<float>();
+    const float* row_lse = step.row_lse.const_data_ptr<float>();
+    const float* col_lse = step.col_lse.const_data_ptr<float>();
+    const float* row_weight = step.row_weight.const_data_ptr<float>();
+    const float* col_weight = step.col_weight.const_data_ptr<float>();
+    float* gradient = step.gradient.mutable_data_ptr<float>();
+    float* row_ps = step.row_ps.mutable_data_ptr<float>() + first;
+    std::vector<float> partial_qs(panel.blocks() * batch, 0.0f);  // per block, sum_i q S of every column
+    for_each_block(panel, [&](int64_t block, int64_t r0, int64_t rows) {
+      std::fill_n(row_ps + r0, rows, 0.0f);
+      for (int64_t c0 = 0; c0 < batch; c0 += kColumnTile) {
+        run_cloned(ClipBackwardTile{{panel.tile(r0, c0), scale + first + r0, scale + c0},
+                                    row_lse + first + r0,
+                                    col_lse + c0,
+                                    row_weight + first + r0,
+                                    col_weight + c0,
+                                    gradient + r0 * batch + c0,
+                                    row_ps + r0,
+                                    partial_qs.data() + block * batch + c0});
+      }
+    });
+    float* column_qs = step.column_qs.mutable_data_ptr<float>();
+    for_each_column(batch, [&](int64_t j) {
+      float panel_total = 0.0f;
+      for (int64_t block = 0; block < panel.blocks(); ++block) panel_total += partial_qs[block * batch + j];
+      column_qs[j] += panel_total;
+    });
+  }
+
+  static void siglip_forward(const SiglipForwardPanel& step) {
+    const PanelRows panel(step.similarity, step.first_row);
+    const float scale = step.scale.item<float>();
+    const float bias = step.bias.item<float>();
+    const int32_t* groups = step.groups.const_data_ptr<int32_t>();
+    float* row_loss = step.row_loss.mutable_data_ptr<float>() + panel.first_row;
+    for_each_block(panel, [&](int64_t /*block*/, int64_t r0, int64_t rows) {
+      std::fill_n(row_loss + r0, rows, 0.0f);
+      for (int64_t c0 = 0; c0 < panel.batch; c0 += kColumnTile) {
+        run_cloned(SiglipForwardTile{{panel.tile(r0, c0), scale, bias, groups + panel.first_row + r0, groups + c0},
+                                     row_loss + r0});
+      }
+    });
+  }
+
+  static void siglip_backward(const SiglipBackwardPanel& step) {
+    const PanelRows panel(step.similarity, step.first_row);
+    const int64_t batch = panel.batch;
+    const int64_t first = panel.first_row;
+    const float scale = step.scale.item<float>();
+    const float bias = step.bias.item<float>();
+    const int32_t* groups = step.groups.const_data_ptr<int32_t>();
+    const float* row_weight = step.row_weight.const_data_ptr<float>();
+    float* gradient = step.gradient.mutable_data_ptr<float>();
+    float* row_d = step.row_sums.mutable_data_ptr<float>() + first;
+    float* row_ds = row_d + batch;
+    for_each_block(panel, [&](int64_t /*block*/, int64_t r0, int64_t rows) {
+      std::fill_n(row_d + r0, rows, 0.0f);
+      std::fill_n(row_ds + r0, rows, 0.0f);
+      for (int64_t c0 = 0; c0 < batch; c0 += kColumnTile) {
+        run_cloned(SiglipBackwardTile{{panel.tile(r0, c0), scale, bias, groups + first + r0, groups + c0},
+                                      row_weight + first + r0, gradient + r0 * batch + c0, row_d + r0,
+                                      row_ds + r0});
+      }
+    });
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The ops: argument checks, then the plan.
 
 std::tuple<at::Tensor, at::Tensor> clip_forward(const at::Tensor& image, const at::Tensor& text,
                                                 const at::Tensor& scale) {
   check_clip_forward(image, text, scale);
-  const int64_t batch = image.size(0);
-  at::Tensor row_lse = empty_float32(image, {batch});
-  at::Tensor col_lse = empty_float32(image, {batch});
-  const Features x(image), y(text);
-  const at::Tensor scale32 = scale.contiguous();
-  const float* scale_data = scale32.const_data_ptr<float>();
-  std::vector<float> row_max(batch, -kInfinity), row_sum(batch, 0.0f);
-  std::vector<float> col_max(batch, -kInfinity), col_sum(batch, 0.0f);
-
-  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* /*weights*/) {
-    run_cloned(ClipForwardTile{{tile, scale_data + i0, scale_data + j0}, row_max.data() + i0, row_sum.data() + i0,
-                               col_max.data() + j0, col_sum.data() + j0});
-  };
-  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/false, per_tile);
-
-  float* row_out = row_lse.mutable_data_ptr<float>();
-  float* col_out = col_lse.mutable_data_ptr<float>();
-  for (int64_t k = 0; k < batch; ++k) {
-    row_out[k] = row_max[k] + std::log(row_sum[k]);
-    col_out[k] = col_max[k] + std::log(col_sum[k]);
-  }
-  return {row_lse, col_lse};
+  return clip_forward_plan<CpuSteps>(image, text, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward(const at::Tensor& image, const at::Tensor& text,
@@ -392,64 +457,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_backward(const at::Tensor& i
                                                              const at::Tensor& col_lse, const at::Tensor& row_weight,
                                                              const at::Tensor& col_weight) {
   check_clip_backward(image, text, scale, row_lse, col_lse, row_weight, col_weight);
-  const int64_t batch = image.size(0);
-  at::Tensor grad_image = at::zeros(image.sizes(), image.options().dtype(at::kFloat));
-  at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
-  at::Tensor grad_scale = empty_float32(image, {batch});
-  const Features x(image), y(text);
-  const at::Tensor scale32 = scale.contiguous(), row_lse32 = row_lse.contiguous(), col_lse32 = col_lse.contiguous();
-  const at::Tensor row_weight32 = row_weight.contiguous(), col_weight32 = col_weight.contiguous();
-  const float* scale_data = scale32.const_data_ptr<float>();
-  const float* row_lse_data = row_lse32.const_data_ptr<float>();
-  const float* col_lse_data = col_lse32.const_data_ptr<float>();
-  const float* row_weight_data = row_weight32.const_data_ptr<float>();
-  const float* col_weight_data = col_weight32.const_data_ptr<float>();
-  float* grad_image_data = grad_image.mutable_data_ptr<float>();
-  float* grad_text_data = grad_text.mutable_data_ptr<float>();
-  // The row and column parts of grad_scale are written by different tasks of one step: separate arrays.
-  std::vector<float> row_ps(batch, 0.0f), col_qs(batch, 0.0f);
-
-  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* weights) {
-    run_cloned(ClipBackwardTile{{tile, scale_data + i0, scale_data + j0}, row_lse_data + i0, col_lse_data + j0,
-                                row_weight_data + i0, col_weight_data + j0, weights, row_ps.data() + i0,
-                                col_qs.data() + j0});
-    accumulate_gradients(weights, 1.0f, x, i0, tile.rows, y, j0, tile.cols, grad_image_data, grad_text_data);
-  };
-  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/true, per_tile);
-
-  float* grad_scale_data = grad_scale.mutable_data_ptr<float>();
-  for (int64_t k = 0; k < batch; ++k) {
-    grad_scale_data[k] = row_weight_data[k] * row_ps[k] + col_weight_data[k] * col_qs[k];
-  }
-  return {grad_image, grad_text, grad_scale};
-}
-
-// Group ids as dense int32 (equal ids stay equal, distinct stay distinct), so the label test in the epilogue
-// compares 32-bit lanes alongside the 32-bit floats and vectorises.
-at::Tensor dense_group_ids(const at::Tensor& groups) {
-  const at::Tensor inverse = std::get<1>(at::_unique(groups, /*sorted=*/true, /*return_inverse=*/true));
-  return inverse.to(at::kInt).contiguous();
+  return clip_backward_plan<CpuSteps>(image, text, scale, row_lse, col_lse, row_weight, col_weight);
 }
 
 at::Tensor siglip_forward(const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale,
                           const at::Tensor& bias, const at::Tensor& groups) {
   check_siglip_forward(image, text, scale, bias, groups);
-  const int64_t batch = image.size(0);
-  at::Tensor row_loss = at::zeros({batch}, image.options().dtype(at::kFloat));
-  if (batch == 0) return row_loss;
-  const Features x(image), y(text);
-  const float scale_value = scale.item<float>();
-  const float bias_value = bias.item<float>();
-  const at::Tensor group_ids = dense_group_ids(groups);
-  const int32_t* group_data = group_ids.const_data_ptr<int32_t>();
-  float* row_loss_data = row_loss.mutable_data_ptr<float>();
-
-  // Only row outputs: each task owns its row block for the whole sweep.
-  for_each_tile_by_rows(x, y, batch, [&](const Tile& tile, int64_t i0, int64_t j0) {
-    run_cloned(
-        SiglipForwardTile{{tile, scale_value, bias_value, group_data + i0, group_data + j0}, row_loss_data + i0});
-  });
-  return row_loss;
+  return siglip_forward_plan<CpuSteps>(image, text, scale, bias, groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const at::Tensor& image,
@@ -459,38 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_backward(const
                                                                            const at::Tensor& groups,
                                                                            const at::Tensor& row_weight) {
   check_siglip_backward(image, text, scale, bias, groups, row_weight);
-  const int64_t batch = image.size(0);
-  at::Tensor grad_image = at::zeros(image.sizes(), image.options().dtype(at::kFloat));
-  at::Tensor grad_text = at::zeros(text.sizes(), text.options().dtype(at::kFloat));
-  at::Tensor grad_scale = empty_float32(image, {});
-  at::Tensor grad_bias = empty_float32(image, {});
-  const Features x(image), y(text);
-  const float scale_value = scale.item<float>();
-  const float bias_value = bias.item<float>();
-  const at::Tensor group_ids = dense_group_ids(groups);
-  const int32_t* group_data = group_ids.const_data_ptr<int32_t>();
-  const at::Tensor row_weight32 = row_weight.contiguous();
-  const float* row_weight_data = row_weight32.const_data_ptr<float>();
-  float* grad_image_data = grad_image.mutable_data_ptr<float>();
-  float* grad_text_data = grad_text.mutable_data_ptr<float>();
-  std::vector<float> row_d(batch, 0.0f), row_ds(batch, 0.0f);
-
-  const auto per_tile = [&](const Tile& tile, int64_t i0, int64_t j0, float* weights) {
-    run_cloned(SiglipBackwardTile{{tile, scale_value, bias_value, group_data + i0, group_data + j0},
-                                  row_weight_data + i0, weights, row_d.data() + i0, row_ds.data() + i0});
-    accumulate_gradients(weights, scale_value, x, i0, tile.rows, y, j0, tile.cols, grad_image_data, grad_text_data);
-  };
-  for_each_tile_by_diagonals(x, y, batch, /*with_weights=*/true, per_tile);
-
-  // B per-row partials: summed in double, which costs nothing at this size.
-  double d_total = 0.0, ds_total = 0.0;
-  for (int64_t k = 0; k < batch; ++k) {
-    d_total += row_d[k];
-    ds_total += row_ds[k];
-  }
-  grad_scale.fill_(static_cast<float>(ds_total));
-  grad_bias.fill_(static_cast<float>(d_total));
-  return {grad_image, grad_text, grad_scale, grad_bias};
+  return siglip_backward_plan<CpuSteps>(image, text, scale, bias, groups, row_weight);
 }
 
 }  // namespace

@@ -1,15 +1,24 @@
 // CUDA kernel of Collage AdamW's fused multi-tensor step (leanops::collage_adamw_step_; the math and the oracle are in
-// python/leanops/reference/collage.py, the per-element step in leanops/collage.h).
+// python/leanops/reference/collage.py, the per-element step in leanops/collage.h, and its two-elements-at-a-time form
+// with packed conversions in leanops/collage_cuda.cuh).
 //
 // One launch serves every tensor of the lists. The host cuts each tensor into chunks of kChunk elements and writes
 // a table, one 64-byte entry per non-empty tensor (its six operand pointers, its size, the global index of its first
 // chunk), into pinned memory, copied to the device on the current stream (asynchronously; torch's pinned allocator
 // keeps the buffer alive until the copy has run). Blocks stride over the global chunk indices; a block finds its
-// chunk's tensor by binary search over the table, then its threads stream the chunk with 16-byte loads and stores
-// (eight 16-bit values per operand) when all six operands are 16-byte aligned, element by element otherwise.
+// chunk's tensor by binary search over the table, then its threads stream the chunk with 16-byte global loads and
+// stores (eight 16-bit values per operand, as four 32-bit words of two) when all six operands are 16-byte aligned,
+// element by element otherwise. The vector loop loads the next iteration's vectors before it computes the current
+// ones (a register prefetch: a thread has a load in flight while it computes), with streaming cache hints (every
+// byte is read once and written once per step).
 //
-// Per element the step moves 18 bytes (light: reads 10, writes 8) or 22 (plus: 12 and 10) against roughly 150 float32
-// operations, three IEEE divisions and a square root among them: near the memory bound on an H100, if not on it.
+// Per element the step moves 18 bytes (light: reads 10, writes 8) or 22 (plus: 12 and 10) against 40 to 70 float32
+// operations and 13 to 32 roundings to F, three IEEE divisions and a square root among them. SASS instructions per
+// element of the vector loop (sm_90, without the division / square-root slow-path stubs; tests/collage/
+// test_collage_sass.py counts them): bfloat16 light 108 -> 85, plus 167 -> 124; float16 light 100 -> 89, plus
+// 157 -> 138. What the savings are: leanops/collage_cuda.cuh (conversions), and below: 16-byte global loads (LDG, not
+// the generic LD the table's pointers gave), 32-bit offsets within a chunk, the divisors held in registers, and a
+// loop unrolled by two instead of copying the prefetched registers.
 //
 // Telemetry is deterministic: each chunk's sums (fixed per-thread order, then a fixed shuffle tree) go to a per-chunk
 // slot, independent of the grid size and the device, and a one-block kernel adds the slots in a fixed order into
@@ -29,6 +38,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "leanops/collage_cuda.cuh"
 #include "leanops/collage_host.h"
 #include "leanops/multi_tensor_cuda.cuh"
 
@@ -43,6 +53,7 @@ constexpr int64_t kChunk = 1 << 14;    // elements per chunk: 8 vector iteration
 constexpr int kOperands = 6;           // params, params_lo, exp_avgs, exp_avg_sqs, exp_avg_sqs_lo, grads
 constexpr int kMetricSlots = 3;        // sum s * delta, sum delta^2, lost updates (the count is known on the host)
 static_assert(kChunk % (kThreads * kVec) == 0, "a chunk is whole vector iterations of a block");
+static_assert(kChunk < (int64_t{1} << 31), "offsets within a chunk fit 32 bits");
 
 // One non-empty tensor of the lists (exp_avg_sqs_lo's pointer is 0 in light mode).
 struct TensorEntry {
@@ -55,6 +66,7 @@ static_assert(sizeof(TensorEntry) == 8 * sizeof(int64_t), "the table is written 
 // Raw 16-bit storage <-> float32. from_float's argument is an F value (every updated value is), so it is exact.
 struct BFloat16Storage {
   using Format = eft::BFloat16Format;
+  using Words = pairs::BFloat16Words;
   __device__ __forceinline__ static float to_float(uint16_t bits) { return __uint_as_float(uint32_t{bits} << 16); }
   __device__ __forceinline__ static uint16_t from_float(float x) {
     return static_cast<uint16_t>(__float_as_uint(x) >> 16);
@@ -63,13 +75,80 @@ struct BFloat16Storage {
 
 struct Float16Storage {
   using Format = eft::Float16Format;
+  using Words = pairs::Float16Words;
   __device__ __forceinline__ static float to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
   __device__ __forceinline__ static uint16_t from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 
+// Eight 16-bit values of one operand as four 32-bit words of two.
 struct alignas(16) Vector {
-  uint16_t value[kVec];
+  uint32_t word[kVec / 2];
 };
+
+// 16-byte global loads and stores with the streaming hint (ld.global.cs / st.global.cs: evict first; every byte
+// is used once per step). Explicitly global: plain dereferences of the table's pointers compile to generic LD/ST.
+__device__ __forceinline__ Vector load_vector(const uint16_t* address) {
+  const uint4 bits = __ldcs(reinterpret_cast<const uint4*>(address));
+  return {{bits.x, bits.y, bits.z, bits.w}};
+}
+
+__device__ __forceinline__ void store_vector(uint16_t* address, const Vector& vector) {
+  __stcs(reinterpret_cast<uint4*>(address), make_uint4(vector.word[0], vector.word[1], vector.word[2], vector.word[3]));
+}
+
+// The operands' vectors at one index (v_lo unused unless Plus).
+template <bool Plus>
+struct Vectors {
+  Vector theta, theta_lo, m, v, v_lo, g;
+};
+
+// One chunk's operands from its first element; offsets within a chunk fit 32 bits, so that an address is one
+// IMAD.WIDE.U32 (base + 2 * offset) instead of a 64-bit add.
+struct ChunkOperands {
+  uint16_t* theta;
+  uint16_t* theta_lo;
+  uint16_t* m;
+  uint16_t* v;
+  uint16_t* v_lo;
+  const uint16_t* g;
+};
+
+// x, computed into a register (x + -0 is exactly x, -0 and infinities included): the compiler cannot replace the
+// register by a reload of the kernel argument.
+__device__ __forceinline__ float in_register(float x) {
+  float y;
+  asm("add.rn.f32 %0, %1, 0f80000000;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The chunk's base pointers, held in registers as they are: without the empty asm the compiler folds the chunk's
+// first element into every access's offset and computes each address with 64-bit adds.
+__device__ __forceinline__ ChunkOperands chunk_operands(uint16_t* theta, uint16_t* theta_lo, uint16_t* m, uint16_t* v,
+                                                        uint16_t* v_lo, const uint16_t* g) {
+  asm("" : "+l"(theta), "+l"(theta_lo), "+l"(m), "+l"(v), "+l"(v_lo), "+l"(g));
+  return {theta, theta_lo, m, v, v_lo, g};
+}
+
+template <bool Plus>
+__device__ __forceinline__ Vectors<Plus> load_vectors(const ChunkOperands& o, uint32_t offset) {
+  Vectors<Plus> vectors;
+  vectors.g = load_vector(o.g + offset);
+  vectors.m = load_vector(o.m + offset);
+  vectors.v = load_vector(o.v + offset);
+  if (Plus) vectors.v_lo = load_vector(o.v_lo + offset);
+  vectors.theta = load_vector(o.theta + offset);
+  vectors.theta_lo = load_vector(o.theta_lo + offset);
+  return vectors;
+}
+
+template <bool Plus>
+__device__ __forceinline__ void store_vectors(const ChunkOperands& o, uint32_t offset, const Vectors<Plus>& vectors) {
+  store_vector(o.theta + offset, vectors.theta);
+  store_vector(o.theta_lo + offset, vectors.theta_lo);
+  store_vector(o.m + offset, vectors.m);
+  store_vector(o.v + offset, vectors.v);
+  if (Plus) store_vector(o.v_lo + offset, vectors.v_lo);
+}
 
 // Sums of a block, in a fixed order (shuffle tree within each warp, then over the warps); the result is valid in
 // thread 0. Every thread of the block must call it.
@@ -123,6 +202,37 @@ __device__ __forceinline__ void step_element(uint16_t& theta, uint16_t& theta_lo
   }
 }
 
+// One vector of eight elements, two at a time (leanops/collage_cuda.cuh), stored in place; the telemetry adds the
+// elements in index order, as step_element one by one would.
+template <typename Storage, bool Plus, bool Metrics>
+__device__ __forceinline__ void step_vectors(Vectors<Plus>& vectors, const Scalars& s, double& stored_dot_delta,
+                                             double& delta_square, uint32_t& lost) {
+#pragma unroll
+  for (int k = 0; k < kVec / 2; ++k) {
+    pairs::Words words{vectors.theta.word[k], vectors.theta_lo.word[k], vectors.m.word[k], vectors.v.word[k],
+                       Plus ? vectors.v_lo.word[k] : 0u};
+    const pairs::Outcomes outcomes =
+        pairs::step_pair<typename Storage::Words, Plus>(words, vectors.g.word[k], s);
+    vectors.theta.word[k] = words.theta;
+    vectors.theta_lo.word[k] = words.theta_lo;
+    vectors.m.word[k] = words.m;
+    vectors.v.word[k] = words.v;
+    if (Plus) vectors.v_lo.word[k] = words.v_lo;
+    if (Metrics) {
+      const float stored[2] = {outcomes.stored.lo, outcomes.stored.hi};
+      const float delta[2] = {outcomes.delta.lo, outcomes.delta.hi};
+#pragma unroll
+      for (int lane = 0; lane < 2; ++lane) {
+        const double stored64 = stored[lane];
+        const double delta64 = delta[lane];
+        stored_dot_delta = __dadd_rn(stored_dot_delta, __dmul_rn(stored64, delta64));
+        delta_square = __dadd_rn(delta_square, __dmul_rn(delta64, delta64));
+        lost += lost_update(Outcome{stored[lane], delta[lane]}) ? 1u : 0u;
+      }
+    }
+  }
+}
+
 template <typename Storage, bool Plus, bool Metrics>
 __global__ void __launch_bounds__(kThreads)
     collage_step_kernel(const TensorEntry* __restrict__ table, int num_tensors, int64_t num_chunks, const Scalars s,
@@ -146,31 +256,35 @@ __global__ void __launch_bounds__(kThreads)
     double stored_dot_delta = 0.0;
     double delta_square = 0.0;
     uint32_t lost = 0;
-    uint16_t unused_v_lo = 0;
     int64_t scalar_begin = begin;
     if (aligned) {
       // Chunks start at multiples of kChunk, so only a tensor's last chunk can end inside a vector.
       const int64_t vector_end = begin + (end - begin) / kVec * kVec;
-      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end;
-           i += static_cast<int64_t>(kThreads) * kVec) {
-        Vector theta_v = *reinterpret_cast<const Vector*>(theta + i);
-        Vector theta_lo_v = *reinterpret_cast<const Vector*>(theta_lo + i);
-        Vector m_v = *reinterpret_cast<const Vector*>(m + i);
-        Vector v_v = *reinterpret_cast<const Vector*>(v + i);
-        Vector v_lo_v;
-        if (Plus) v_lo_v = *reinterpret_cast<const Vector*>(v_lo + i);
-        const Vector g_v = *reinterpret_cast<const Vector*>(g + i);
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          step_element<Storage, Plus, Metrics>(theta_v.value[j], theta_lo_v.value[j], m_v.value[j], v_v.value[j],
-                                               Plus ? v_lo_v.value[j] : unused_v_lo, g_v.value[j], s,
-                                               stored_dot_delta, delta_square, lost);
-        }
-        *reinterpret_cast<Vector*>(theta + i) = theta_v;
-        *reinterpret_cast<Vector*>(theta_lo + i) = theta_lo_v;
-        *reinterpret_cast<Vector*>(m + i) = m_v;
-        *reinterpret_cast<Vector*>(v + i) = v_v;
-        if (Plus) *reinterpret_cast<Vector*>(v_lo + i) = v_lo_v;
+      // The vector loop with a register prefetch: each vector is loaded one iteration ahead, into the other of two
+      // register buffers (unrolled by two, so that no buffer is copied into the other). Per iteration a thread
+      // steps two vectors (16 elements); tests/collage/test_collage_sass.py counts its instructions per element.
+      const ChunkOperands o = chunk_operands(theta + begin, theta_lo + begin, m + begin, v + begin,
+                                             Plus ? v_lo + begin : v_lo, g + begin);  // v_lo is null in light mode
+      constexpr uint32_t kStride = kThreads * kVec;
+      const uint32_t count = static_cast<uint32_t>(vector_end - begin);
+      uint32_t offset = threadIdx.x * kVec;
+      // The divisors in registers: MUFU.RCP, which every division starts with, cannot read the constant bank, and
+      // left to itself the compiler reloads them (LDC) for each of the 32 divisions of an iteration.
+      Scalars scalars = s;
+      scalars.bias_correction1 = in_register(s.bias_correction1);
+      scalars.bias_correction2 = in_register(s.bias_correction2);
+      Vectors<Plus> even, odd;
+      if (offset < count) even = load_vectors<Plus>(o, offset);
+      while (offset < count) {
+        if (offset + kStride < count) odd = load_vectors<Plus>(o, offset + kStride);
+        step_vectors<Storage, Plus, Metrics>(even, scalars, stored_dot_delta, delta_square, lost);
+        store_vectors<Plus>(o, offset, even);
+        offset += kStride;
+        if (offset >= count) break;
+        if (offset + kStride < count) even = load_vectors<Plus>(o, offset + kStride);
+        step_vectors<Storage, Plus, Metrics>(odd, scalars, stored_dot_delta, delta_square, lost);
+        store_vectors<Plus>(o, offset, odd);
+        offset += kStride;
       }
       scalar_begin = vector_end;
     }

@@ -2,6 +2,8 @@
 
   leanops info                 versions, the device, how leanops._C was built, which backends are built and usable
   leanops bench [FAMILY ...]   check every usable backend against the reference, time it, write JSON, print a table
+                               (the loss families: each method's matrix work over the floor, and on a GPU the
+                               roofline time); --targets: the issue's target sizes and the target table last
 
 Run ``leanops <command> --help`` for the options.
 """
@@ -11,6 +13,7 @@ import inspect
 import json
 import os
 import sys
+import time
 
 # Each benchmark family is "module" or "module:function" of leanops.benchmarks, the function (default: run) being
 # run(device, *, quick, repeats, elements, backend_names) -> leanops.benchmarks.common.Report. A module may also
@@ -28,6 +31,11 @@ BENCHMARK_FAMILIES = {
 INPUT_KIND_FAMILIES = ("ce",)
 # Families that compute rather than measure: they need no device (--device is ignored).
 DEVICE_FREE_FAMILIES = ("scaling",)
+# The families of the issue's target table (--targets without families runs these; leanops.benchmarks.targets).
+TARGET_FAMILIES = ("clip", "siglip", "ce", "optim")
+# With --targets, the seconds of timed repeats one row may take (fewer repeats for slow methods: the target run must
+# fit one short GPU call, scripts/gpu_check.sh).
+TARGET_ROW_BUDGET_S = 3.0
 
 
 def _info(arguments) -> int:
@@ -54,6 +62,8 @@ def _bench(arguments, parser) -> int:
         parser.error(f"--repeats must be at least 1, got {arguments.repeats}")
     if arguments.size is not None and arguments.size < 1:
         parser.error(f"--size must be at least 1, got {arguments.size}")
+    if arguments.time_limit is not None and not arguments.time_limit > 0:
+        parser.error(f"--time-limit must be a positive number of seconds, got {arguments.time_limit}")
     unknown = [family for family in arguments.families if family not in BENCHMARK_FAMILIES]
     if unknown:
         parser.error(f"unknown benchmark family {', '.join(unknown)}; choose from {', '.join(BENCHMARK_FAMILIES)}")
@@ -72,14 +82,16 @@ def _bench(arguments, parser) -> int:
         except (OSError, ValueError) as error:
             parser.error(f"--compare: {error}")
         old_results[document["family"]] = document
-    families = arguments.families or (list(old_results) if old_results else list(BENCHMARK_FAMILIES))
+    families = arguments.families or (list(old_results) if old_results else
+                                      list(TARGET_FAMILIES) if arguments.targets else list(BENCHMARK_FAMILIES))
     unknown = [family for family in old_results if family not in BENCHMARK_FAMILIES]
     if unknown:
         parser.error(f"--compare: unknown benchmark family {', '.join(unknown)} in the old results")
     dtype = common.DTYPES[arguments.dtype] if arguments.dtype else None
 
     reports, tables, comparisons = [], [], []
-    for family in families:
+    started = time.monotonic()
+    for index, family in enumerate(families):
         module_name, _, function_name = BENCHMARK_FAMILIES[family].partition(":")
         module = importlib.import_module(module_name)
         run = getattr(module, function_name or "run")
@@ -87,7 +99,7 @@ def _bench(arguments, parser) -> int:
         print(f"leanops bench: running {family} {where} ...", file=sys.stderr, flush=True)
         options = {"input_kinds": arguments.inputs.split(",")} if arguments.inputs and \
             family in INPUT_KIND_FAMILIES else {}
-        for name, value in (("full", arguments.full), ("dtype", dtype)):
+        for name, value in (("full", arguments.full), ("dtype", dtype), ("targets", arguments.targets)):
             if not value:
                 continue
             if _accepts(run, name):
@@ -95,8 +107,13 @@ def _bench(arguments, parser) -> int:
             else:
                 print(f"leanops bench: --{name} does not apply to {family} (ignored)", file=sys.stderr)
         common.PROGRESS.begin(family)
+        row_budget = TARGET_ROW_BUDGET_S if arguments.targets else None
+        # Family k (from 0) begins no row after (k + 1) x --time-limit from the start: what a family leaves unused
+        # goes to the next ones.
+        deadline = None if arguments.time_limit is None else started + (index + 1) * arguments.time_limit
+        why = f"the time limit (--time-limit {arguments.time_limit:g} s a family)" if deadline else ""
         try:
-            with common.peers_enabled(arguments.peers):
+            with common.peers_enabled(arguments.peers), common.run_limits(deadline, row_budget, why):
                 report = run(device, quick=arguments.quick, repeats=arguments.repeats, elements=arguments.size,
                              backend_names=backend_names, **options)
         finally:
@@ -112,11 +129,24 @@ def _bench(arguments, parser) -> int:
     print("\n\n".join(tables))
     for old_document, new_document in comparisons:
         print("\n" + compare.format_comparison(old_document, new_document))
+    if arguments.targets:
+        _print_targets(reports, out_dir, device_type)
     failures = sum(row.check == "failed" for report in reports for row in report.rows)
     if failures:
         print(f"leanops bench: {failures} backend check(s) FAILED: outputs differ from the reference",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def _print_targets(reports, out_dir: str, device_type: str) -> None:
+    """The issue's target table from this run's reports, printed last and written beside the results."""
+    from leanops.benchmarks import common, targets
+
+    documents = {report.family: common.results_document(report) for report in reports
+                 if report.family in targets.FAMILIES}
+    for written in targets.write(out_dir, documents, device_type):
+        print(f"leanops bench: wrote {written}", file=sys.stderr)
+    print("\n" + targets.format_targets(documents))
 
 
 def _accepts(function, name: str) -> bool:
@@ -146,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--full", action="store_true",
                        help="every size, the largest too (default: sizes that suit the device; a CPU run takes a "
                             "few minutes)")
+    sizes.add_argument("--targets", action="store_true",
+                       help=f"the issue's target sizes only (default families: {', '.join(TARGET_FAMILIES)}; at most "
+                            f"{TARGET_ROW_BUDGET_S:g} s of repeats per row), then the target table beside the "
+                            "measured values, written as targets-<device>.md/.json (meant for a GPU: "
+                            "scripts/gpu_check.sh)")
     bench_parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                               help="the dtype of the families that take one (mcf, clip, siglip, ce, scaling; "
                                    "default: bfloat16 on a GPU, float32 on the CPU)")
@@ -161,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--repeats", type=int, metavar="N",
                               help="timed repeats per measurement; the median is reported (default: 20 on a "
                                    "GPU, 5 on the CPU)")
+    bench_parser.add_argument("--time-limit", type=float, metavar="S",
+                              help="seconds each family may run, what one leaves unused going to the next (the "
+                                   "k-th family begins no row after k x S from the start): later rows are listed "
+                                   "as not run (default: no limit)")
     bench_parser.add_argument("--backends", metavar="NAME[,NAME]",
                               help="only these backends (the reference always runs: it is the oracle)")
     bench_parser.add_argument("--inputs", metavar="KIND[,KIND]",

@@ -1,6 +1,10 @@
 """Compiles the FRUGAL split-step Triton kernel (triton_kernels/frugal.py) for Hopper (sm_90) without a GPU and
 prints, as JSON, what its PTX and ptxas report (the counts of hopper_collage_report.py: fused multiply-adds,
-correctly rounded divisions and square roots, flush-to-zero, registers and spills).
+correctly rounded divisions and square roots, flush-to-zero, vector loads and stores of 16 bytes (ld.global.v4) and
+of 8 bytes (ld.global.v2.b32), registers and spills).
+
+Every variant is compiled as the launcher runs it on torch's (16-byte aligned) buffers, ALIGNED: full chunks take
+vector loads and stores of the contiguous streams; one variant is compiled unaligned (scalar accesses only).
 
 Run as a script, in a process where TRITON_INTERPRET is unset; tests/frugal/test_frugal_triton_compile.py runs it and
 checks it.
@@ -16,11 +20,11 @@ STORAGES = {"float32": 0, "float16": 1, "bfloat16": 2}
 SCALARS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "decay", "free_lr")
 
 
-def compile_case(storage: int, grad_storage: int, compensated: bool, rule: int) -> dict:
+def compile_case(storage: int, grad_storage: int, compensated: bool, rule: int, aligned: bool = True) -> dict:
     signature = {"table_ptr": "*i64", "scalars_ptr": "*fp32", "n_rows": "i32"}
     signature.update({name: "fp32" for name in SCALARS})
     constexprs = {"STORAGE": storage, "GRAD_STORAGE": grad_storage, "COMPENSATED": compensated, "RULE": rule,
-                  "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
+                  "ALIGNED": aligned, "BLOCK_SIZE": kernels.BLOCK_SIZE_GPU}
     return count_ptx(kernels._frugal_split_step_kernel, signature, constexprs, (0, 1), kernels.NUM_WARPS_GPU)
 
 
@@ -31,6 +35,7 @@ def cases():
     yield "bfloat16/bfloat16/compensated/signsgd", (2, 2, True, 0)
     yield "bfloat16/float32/compensated/sgd", (2, 0, True, 1)
     yield "float16/float16/compensated/signsgd", (1, 1, True, 0)
+    yield "bfloat16/bfloat16/compensated/signsgd/unaligned", (2, 2, True, 0, False)
 
 
 def main() -> int:

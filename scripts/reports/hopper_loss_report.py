@@ -19,6 +19,7 @@ from triton.compiler import ASTSource
 
 from leanops.triton_kernels import contrastive as kernels
 from leanops.triton_kernels import cross_entropy as ce_kernels
+from leanops.triton_kernels import gemm
 from leanops.triton_kernels import tiles
 
 from hopper_ptxas import ptxas_report
@@ -26,47 +27,42 @@ from hopper_ptxas import ptxas_report
 HOPPER = GPUTarget("cuda", 90, 32)
 FEATURES = 512
 CUDA = torch.device("cuda")
-# Pointers in the inputs' dtype; every other pointer is float32 (or int64 for groups and targets).
-FEATURE_POINTERS = {"x_ptr", "y_ptr", "anchor_ptr", "other_ptr", "hidden_ptr", "weight_ptr", "bias_ptr",
-                    "grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"}
+# Pointers in the inputs' dtype; every other pointer is float32 (or int64 for groups and targets), unless a case
+# says otherwise (the GEMM's output).
+FEATURE_POINTERS = {"x_ptr", "y_ptr", "hidden_ptr", "weight_ptr", "bias_ptr", "g_ptr", "a_ptr", "b_ptr"}
 INDEX_POINTERS = {"groups_ptr", "targets_ptr"}
 TRITON_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 CE_OPTIONS = {"HAS_BIAS": True, "HAS_SOFTCAP": True}
+# The GEMM's operands as the plans call it: A row-major (G Y, G W) or transposed (G^T X, G^T h: A's rows are
+# columns of G), B and C row-major. Strides equal to 1 are specialised by Triton's launcher (constexpr 1).
+MATMUL = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": True}
+MATMUL_TRANSPOSED_A = {"stride_am": 1, "stride_bn": 1, "stride_cn": 1, "ACCUMULATE": True}
 
 
-def _contrastive_forward(dtype):
-    return kernels.forward_tile_candidates(CUDA, dtype)
+def _forward(module):
+    return lambda dtype: module.forward_tile_candidates(CUDA, dtype)
 
 
-def _contrastive_backward(atomics):
-    return lambda dtype: kernels.backward_tile_candidates(CUDA, dtype, FEATURES, atomics)
+def _backward(module):
+    return lambda dtype: module.backward_tile_candidates(CUDA, dtype)
 
 
-def _ce_forward(dtype):
-    return ce_kernels.forward_tile_candidates(CUDA, dtype)
-
-
-def _ce_backward(dtype):
-    return ce_kernels.backward_tile_candidates(CUDA, dtype, FEATURES)
+def _matmul(dtype):
+    return (gemm.matmul_tiles(CUDA, dtype),)
 
 
 # Per kernel: (the kernel, the launchers' constexprs besides the tiles, the tile candidates for a dtype).
 KERNELS = {
-    "clip_forward": (kernels._clip_forward_kernel, {}, _contrastive_forward),
-    "siglip_forward": (kernels._siglip_forward_kernel, {}, _contrastive_forward),
-    "clip_backward": (kernels._clip_backward_kernel, {"OTHER_SIDE": False}, _contrastive_backward(False)),
-    "clip_backward_atomic": (kernels._clip_backward_kernel, {"OTHER_SIDE": True}, _contrastive_backward(True)),
-    "siglip_backward": (kernels._siglip_backward_kernel,
-                        {"WEIGHT_ON_ANCHOR": True, "OTHER_SIDE": False, "REDUCE_SCALARS": True},
-                        _contrastive_backward(False)),
-    "siglip_backward_atomic": (kernels._siglip_backward_kernel,
-                               {"WEIGHT_ON_ANCHOR": True, "OTHER_SIDE": True, "REDUCE_SCALARS": True},
-                               _contrastive_backward(True)),
-    "linear_ce_forward": (ce_kernels._linear_ce_forward_kernel, CE_OPTIONS, _ce_forward),
-    "linear_ce_grad_hidden": (ce_kernels._linear_ce_grad_hidden_kernel, {**CE_OPTIONS, "SCALE_TILE": False},
-                              _ce_backward),
-    "linear_ce_grad_weight": (ce_kernels._linear_ce_grad_weight_kernel, {**CE_OPTIONS, "SCALE_TILE": False},
-                              _ce_backward),
+    "clip_forward": (kernels._clip_forward_kernel, {}, _forward(kernels)),
+    "siglip_forward": (kernels._siglip_forward_kernel, {}, _forward(kernels)),
+    "clip_gradient_panel": (kernels._clip_gradient_panel_kernel, {}, _backward(kernels)),
+    "siglip_gradient_panel": (kernels._siglip_gradient_panel_kernel, {}, _backward(kernels)),
+    "contrastive_matmul": (gemm._matmul_kernel, MATMUL, _matmul),
+    "contrastive_matmul_transposed_a": (gemm._matmul_kernel, MATMUL_TRANSPOSED_A, _matmul),
+    "linear_ce_forward": (ce_kernels._linear_ce_forward_kernel, CE_OPTIONS, _forward(ce_kernels)),
+    "linear_ce_gradient_chunk": (ce_kernels._linear_ce_gradient_chunk_kernel, CE_OPTIONS, _backward(ce_kernels)),
+    "linear_ce_matmul": (gemm._matmul_kernel, MATMUL, _matmul),
+    "linear_ce_matmul_transposed_a": (gemm._matmul_kernel, MATMUL_TRANSPOSED_A, _matmul),
 }
 
 
@@ -89,20 +85,20 @@ def signature_of(kernel, dtype, constexprs):
         elif name == "softcap":
             signature[name] = "fp32"
         else:
-            signature[name] = "i32"  # B, N, V, D
+            signature[name] = "i32"  # sizes, offsets, strides
     return signature
 
 
 def compile_case(kernel, dtype, candidate, extra):
-    constexprs = {"BLOCK_M": candidate.block_m, "BLOCK_N": candidate.block_n, "BLOCK_D": candidate.block_d,
+    constexprs = {"BLOCK_M": candidate.block_m, "BLOCK_N": candidate.block_n,
                   "INPUT_PRECISION": tiles.input_precision(dtype), **extra}
-    if "BLOCK_DOUT" in kernel.arg_names:
-        constexprs["BLOCK_DOUT"] = candidate.block_dout
+    constexprs["BLOCK_K" if "BLOCK_K" in kernel.arg_names else "BLOCK_D"] = candidate.block_d
     signature = signature_of(kernel, dtype, constexprs)
     runtime = [name for name in kernel.arg_names if signature[name] != "constexpr"]
-    # What Triton's launcher specialises at run time: 16-byte aligned buffers, and D = 512 divisible by 16.
+    # What Triton's launcher specialises at run time: 16-byte aligned buffers, and D = 512, the row strides of the
+    # G panels and of the GEMM operands divisible by 16 (the launchers pad them so).
     attributes = {(runtime.index(name),): [["tt.divisibility", 16]] for name in runtime
-                  if name.endswith("_ptr") or name == "D"}
+                  if name.endswith("_ptr") or name in ("D", "g_stride") or name.startswith("stride_")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attributes)
     compiled = triton.compile(source, target=HOPPER,
                               options={"num_warps": candidate.num_warps, "num_stages": candidate.num_stages})
@@ -120,14 +116,11 @@ def main(families: list[str]) -> int:
     report = {}
     for name in names:
         kernel, extra, candidates_for = KERNELS[name]
-        # float16 differs from bfloat16 only where a kernel scales its tiles for float16's range (SCALE_TILE).
-        dtypes = (torch.bfloat16, torch.float16, torch.float32) if "SCALE_TILE" in extra else (torch.bfloat16,
-                                                                                                 torch.float32)
-        for dtype in dtypes:
-            constants = {**extra, "SCALE_TILE": dtype == torch.float16} if "SCALE_TILE" in extra else extra
+        # float16 compiles like bfloat16 (the kernels treat them alike; float16's scaling happens outside).
+        for dtype in (torch.bfloat16, torch.float32):
             for index, candidate in enumerate(candidates_for(dtype)):
                 report[f"{name}/{str(dtype).removeprefix('torch.')}/{index}"] = compile_case(kernel, dtype,
-                                                                                            candidate, constants)
+                                                                                            candidate, extra)
     json.dump(report, sys.stdout)
     return 0
 

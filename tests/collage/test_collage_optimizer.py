@@ -139,6 +139,7 @@ def test_convergence_matches_fp32_master_adamw_where_bfloat16_falls_behind():
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("mode", ["light", "plus"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu_check
 def test_every_backend_gives_the_references_bits(backend, device, mode, dtype):
     torch.manual_seed(5)
     shapes = [(1,), (3, 5), (1000,), (4097,)]

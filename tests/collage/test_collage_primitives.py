@@ -181,6 +181,7 @@ def _off_the_diagonal(backend, device, dtype, plus, weight_decay):
 
 @pytest.mark.parametrize("backend,device,dtype,plus,weight_decay",
                          provider_grid(KERNELS, FIVE_STEP_POINTS, slow=_off_the_diagonal))
+@pytest.mark.gpu_check
 def test_five_steps_match_the_oracle_bit_for_bit(backend, device, dtype, plus, weight_decay):
     sizes = AWKWARD_SIZES + SEVERAL_CHUNKS.get(backend, [])
     state = make_state(sizes, dtype, plus)
@@ -213,6 +214,7 @@ def test_other_hyperparameters(backend, device, dtype, hyper):
 
 @pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("plus", MODES)
+@pytest.mark.gpu_check
 def test_many_tensors_and_several_chunks(backend, device, plus):
     """Many rows (several levels of the Triton kernel's binary search), tensors spanning several chunks of every
     kernel, zero-size tensors among them."""

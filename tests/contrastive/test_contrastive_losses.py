@@ -146,6 +146,7 @@ def _plain_dtype_error(loss_name, x, y, params, labels):
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss_name", ["clip_loss", "siglip_loss"])
+@pytest.mark.gpu_check
 def test_low_precision_error_is_at_most_twice_plain_pytorch(backend, device, dtype, loss_name):
     """The flash-attention rule: in bfloat16/float16, leanops' error against float64 is at most 2x the error that
     plain PyTorch makes in the same dtype (for the loss and both feature gradients)."""
@@ -170,6 +171,7 @@ def test_low_precision_error_is_at_most_twice_plain_pytorch(backend, device, dty
 
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu_check
 def test_confident_pairs_at_scale_100_keep_low_precision_gradients_accurate(backend, device, dtype):
     """Trained-like CLIP: each image's own caption wins by a wide margin at scale 100, so the softmax gradient and
     the positive term's gradient nearly cancel. Both are summed in float32 before one rounding to the feature dtype,
@@ -190,6 +192,7 @@ def test_confident_pairs_at_scale_100_keep_low_precision_gradients_accurate(back
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.gpu_check
 def test_large_scale_and_unnormalised_features_do_not_overflow(backend, device):
     generator = torch.Generator().manual_seed(torch.seed())
     x, y = _features(64, 32, torch.float16, device, generator)  # norms ~ 6-7: logits up to ~4,000

@@ -221,6 +221,7 @@ def test_siglip_matches_float64(backend, device, dtype, size):
 
 
 @pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(CONTRASTIVE, DTYPES, LARGE_SIZES))
+@pytest.mark.gpu_check
 def test_large_logits(backend, device, dtype, size):
     """|S| ~ 1e3 and scale 100: logits ~ 1e5, which only max-subtracted (running) log-sum-exps survive; softplus
     and sigmoid stay finite and accurate."""
@@ -430,63 +431,63 @@ def test_cpu_kernels_any_thread_count(backend, device, threads):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The Triton kernels: the atomics path of the backward (the operators take the default, two launches), the
-# deterministic mode, every GPU tile candidate, the zero-padding of D.
+# The Triton kernels: several panels, reproducibility, every GPU tile candidate, the zero-padding of D.
 
 def _triton_kernels():
     from leanops.triton_kernels import contrastive
     return contrastive
 
 
-def _check_triton_backwards(clip, siglip, deterministic):
-    """The Triton launchers' backward (deterministic or with atomics) against the dense formulas."""
+def _check_triton_backwards(clip, siglip):
+    """The Triton launchers' backward against the dense formulas."""
     kernels = _triton_kernels()
     image, text, scale, row_weight, col_weight = clip
     row_lse, col_lse = kernels.clip_forward(image, text, scale)
     arguments = (image, text, scale, row_lse, col_lse, row_weight, col_weight)
-    compare(CLIP_BACKWARD, kernels.clip_backward(*arguments, deterministic=deterministic), clip_backward_dense,
-            arguments, gradient_floor("triton", image.dtype))
+    compare(CLIP_BACKWARD, kernels.clip_backward(*arguments), clip_backward_dense, arguments,
+            gradient_floor("triton", image.dtype))
     magnitudes = (None, None) + siglip_scalar_magnitudes(*siglip)
-    compare(SIGLIP_BACKWARD, kernels.siglip_backward(*siglip, deterministic=deterministic), siglip_backward_dense,
-            siglip, gradient_floor("triton", siglip[0].dtype), magnitudes)
+    compare(SIGLIP_BACKWARD, kernels.siglip_backward(*siglip), siglip_backward_dense, siglip,
+            gradient_floor("triton", siglip[0].dtype), magnitudes)
 
 
+@pytest.mark.parametrize("budget", ["0.002", "0.02"])
 @pytest.mark.parametrize("backend,device,dtype,size", [case for case in ALL_SIZES if case.values[0] == "triton"])
-def test_triton_backward_with_atomics(backend, device, dtype, size):
+def test_triton_several_panels(backend, device, dtype, size, budget, monkeypatch):
+    """A memory budget (MiB) small enough for several row panels in the backward and several column panels in the
+    CLIP forward: the panels' partial sums and statistics merge to the same results."""
+    monkeypatch.setenv("LEANOPS_PANEL_BUDGET_MIB", budget)
     batch, dim = size
-    _check_triton_backwards(clip_inputs(batch, dim, dtype, device, seed=batch + dim),
-                            siglip_inputs(batch, dim, dtype, device, seed=batch + dim + 1), deterministic=False)
+    image, text, scale, row_weight, col_weight = clip_inputs(batch, dim, dtype, device, seed=batch + dim)
+    kernels = _triton_kernels()
+    compare(CLIP_FORWARD, kernels.clip_forward(image, text, scale), clip_forward_dense, (image, text, scale), 1e-5)
+    _check_triton_backwards((image, text, scale, row_weight, col_weight),
+                            siglip_inputs(batch, dim, dtype, device, seed=batch + dim + 1))
 
 
 @pytest.mark.parametrize("backend,device,dtype,size",
                          provider_dtype_cases(CONTRASTIVE, DTYPES, LARGE_SIZES, backends_=("triton",)))
-def test_triton_backward_with_atomics_large_logits(backend, device, dtype, size):
+def test_triton_several_panels_large_logits(backend, device, dtype, size, monkeypatch):
+    monkeypatch.setenv("LEANOPS_PANEL_BUDGET_MIB", "0.002")
     batch, dim = size
     image, text, _, _, _ = clip_inputs(batch, dim, dtype, device, seed=7, magnitude=30.0)
     weight = torch.full((batch,), 0.5 / batch, device=device)
     clip = (image, text, torch.full((batch,), 100.0, device=device), weight, weight)
-    _check_triton_backwards(clip, siglip_inputs(batch, dim, dtype, device, seed=8, magnitude=30.0, scale=100.0),
-                            deterministic=False)
+    _check_triton_backwards(clip, siglip_inputs(batch, dim, dtype, device, seed=8, magnitude=30.0, scale=100.0))
 
 
 @pytest.mark.parametrize("backend,device", TRITON_CASES)
-def test_triton_deterministic_mode(backend, device):
-    """Two launches are bitwise reproducible, and torch.use_deterministic_algorithms(True) overrides a request for
-    atomics."""
+def test_triton_backward_is_reproducible(backend, device, monkeypatch):
+    """Two calls give the same bits (no atomics: the panels' sums run in a fixed order), with several panels."""
+    monkeypatch.setenv("LEANOPS_PANEL_BUDGET_MIB", "0.002")
     kernels = _triton_kernels()
     image, text, scale, weight, _ = clip_inputs(37, 20, torch.float32, device, seed=11)
     row_lse, col_lse = kernels.clip_forward(image, text, scale)
     arguments = (image, text, scale, row_lse, col_lse, weight, weight)
-    first = kernels.clip_backward(*arguments)
-    for a, b in zip(first, kernels.clip_backward(*arguments, deterministic=True)):
+    for a, b in zip(kernels.clip_backward(*arguments), kernels.clip_backward(*arguments)):
         assert torch.equal(a, b)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        forced = kernels.clip_backward(*arguments, deterministic=False)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for a, b in zip(first, forced):
+    siglip = siglip_inputs(37, 20, torch.float32, device, seed=12)
+    for a, b in zip(kernels.siglip_backward(*siglip), kernels.siglip_backward(*siglip)):
         assert torch.equal(a, b)
 
 
@@ -494,21 +495,20 @@ def test_triton_deterministic_mode(backend, device):
     CONTRASTIVE, DTYPES, {"triton": [(300, 520)]}, backends_=("triton",), devices=("cuda",)))
 def test_triton_every_tile_candidate_is_correct(backend, device, dtype, size, monkeypatch):
     """Each GPU tile candidate the tuner may pick, forced in turn: B = 300 is several row blocks of every candidate,
-    D = 520 over 512 so that the gradient column chunks split. (The interpreter has one tile size.)"""
+    D = 520 several K slices. (The interpreter has one tile size.)"""
     kernels = _triton_kernels()
     batch, dim = size
     forward = kernels.forward_tile_candidates(torch.device(device), dtype)
-    for atomics in (False, True):
-        backward = kernels.backward_tile_candidates(torch.device(device), dtype, dim, atomics)
-        for index in range(max(len(forward), len(backward))):
-            chosen_forward, chosen_backward = forward[index % len(forward)], backward[index % len(backward)]
-            monkeypatch.setattr(kernels, "forward_tile_candidates", lambda *_: (chosen_forward,))
-            monkeypatch.setattr(kernels, "backward_tile_candidates", lambda *_: (chosen_backward,))
-            clip = clip_inputs(batch, dim, dtype, device, seed=index)
-            siglip = siglip_inputs(batch, dim, dtype, device, seed=index)
-            compare(CLIP_FORWARD, kernels.clip_forward(*clip[:3]), clip_forward_dense, clip[:3], 1e-5)
-            compare(SIGLIP_FORWARD, kernels.siglip_forward(*siglip[:5]), siglip_forward_dense, siglip[:5], 1e-5)
-            _check_triton_backwards(clip, siglip, deterministic=not atomics)
+    backward = kernels.backward_tile_candidates(torch.device(device), dtype)
+    for index in range(max(len(forward), len(backward))):
+        chosen_forward, chosen_backward = forward[index % len(forward)], backward[index % len(backward)]
+        monkeypatch.setattr(kernels, "forward_tile_candidates", lambda *_: (chosen_forward,))
+        monkeypatch.setattr(kernels, "backward_tile_candidates", lambda *_: (chosen_backward,))
+        clip = clip_inputs(batch, dim, dtype, device, seed=index)
+        siglip = siglip_inputs(batch, dim, dtype, device, seed=index)
+        compare(CLIP_FORWARD, kernels.clip_forward(*clip[:3]), clip_forward_dense, clip[:3], 1e-5)
+        compare(SIGLIP_FORWARD, kernels.siglip_forward(*siglip[:5]), siglip_forward_dense, siglip[:5], 1e-5)
+        _check_triton_backwards(clip, siglip)
 
 
 @pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(
@@ -522,7 +522,7 @@ def test_triton_zero_padded_feature_dimension(backend, device, dtype, size, monk
     clip, siglip = clip_inputs(batch, dim, dtype, device, seed=5), siglip_inputs(batch, dim, dtype, device, seed=6)
     outputs = check_clip(backend, *clip) + check_siglip(backend, *siglip)
     assert all(t.is_contiguous() for t in outputs)
-    _check_triton_backwards(clip, siglip, deterministic=False)
+    _check_triton_backwards(clip, siglip)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ def test_float32_parity_with_float64(backend, device, dtype, size, option, reduc
 
 
 @pytest.mark.parametrize("backend,device", slow_when_interpreted(CASES))
+@pytest.mark.gpu_check
 def test_leading_dimensions_and_every_option_combination(backend, device):
     """hidden (batch, sequence, D) with targets (batch, sequence): each subset of the options, one draw each. (The
     options combine on O(N) statistics in Python, the same for every provider; each option alone runs on Triton's
@@ -198,6 +199,7 @@ def _plain_dtype_error(hidden, weight, targets, bias, options):
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("option", ["plain", "everything"])
+@pytest.mark.gpu_check
 def test_low_precision_error_is_at_most_twice_plain_pytorch(backend, device, dtype, option):
     """The flash-attention rule, on trained-like logits: in bfloat16/float16 leanops' error against float64 is at
     most 2x the error plain PyTorch makes in the same dtype, for the loss and every gradient."""
@@ -214,6 +216,7 @@ def test_low_precision_error_is_at_most_twice_plain_pytorch(backend, device, dty
 
 
 @pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.gpu_check
 def test_large_logits_stay_finite(backend, device):
     """Hidden states of norm ~300: logits ~1e3, far beyond exp's float32 range without the running max."""
     generator = torch.Generator().manual_seed(2)

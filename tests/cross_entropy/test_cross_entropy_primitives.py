@@ -189,6 +189,7 @@ def test_matches_float64(backend, device, dtype, size, with_bias, softcap):
 
 @pytest.mark.parametrize("softcap", [0.0, 50.0], ids=["uncapped", "softcap50"])
 @pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(CROSS_ENTROPY, DTYPES, LARGE_SIZES))
+@pytest.mark.gpu_check
 def test_large_logits_stay_finite_and_accurate(backend, device, dtype, size, softcap):
     """Features of norm 30: logits up to ~900, which only a max-subtracted (online) log-sum-exp survives (with a
     softcap of 50, dz'/dz is small almost everywhere)."""
@@ -448,12 +449,12 @@ def test_cpu_kernels_any_thread_count_gives_the_same_bits(backend, device, threa
 @pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(
     CROSS_ENTROPY, DTYPES, {"triton": [(300, 1000, 520)]}, backends_=("triton",), devices=("cuda",)))
 def test_triton_every_tile_candidate_is_correct(backend, device, dtype, size, monkeypatch):
-    """Each GPU tile candidate the tuner may pick, forced in turn: several blocks of every candidate, D = 520 split
-    into column chunks. (The interpreter has one tile size.)"""
+    """Each GPU tile candidate the tuner may pick, forced in turn: several blocks of every candidate, D = 520 several
+    K slices. (The interpreter has one tile size.)"""
     from leanops.triton_kernels import cross_entropy as kernels
     tokens, classes, dim = size
     forward = kernels.forward_tile_candidates(torch.device(device), dtype)
-    backward = kernels.backward_tile_candidates(torch.device(device), dtype, dim)
+    backward = kernels.backward_tile_candidates(torch.device(device), dtype)
     for index in range(max(len(forward), len(backward))):
         chosen_forward, chosen_backward = forward[index % len(forward)], backward[index % len(backward)]
         monkeypatch.setattr(kernels, "forward_tile_candidates", lambda *_: (chosen_forward,))
@@ -461,6 +462,22 @@ def test_triton_every_tile_candidate_is_correct(backend, device, dtype, size, mo
         for softcap in (0.0, 5.0):
             check(backend, *make_problem(tokens, classes, dim, dtype, device, seed=index), softcap,
                   statistic_gradients(tokens, device, seed=index))
+
+
+@pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(
+    CROSS_ENTROPY, DTYPES, {"triton": [(37, 70, 20)]}, backends_=("triton",), devices=("cpu",)))
+def test_triton_several_vocabulary_chunks(backend, device, dtype, size, monkeypatch):
+    """A memory budget (MiB) small enough for several vocabulary chunks in the backward: grad_hidden summed over
+    the chunks in float32, grad_weight and grad_bias complete per chunk; the same results, the same bits twice."""
+    monkeypatch.setenv("LEANOPS_PANEL_BUDGET_MIB", "0.001")
+    tokens, classes, dim = size
+    for softcap in (0.0, 5.0):
+        problem = make_problem(tokens, classes, dim, dtype, device, seed=3)
+        upstream = statistic_gradients(tokens, device, seed=4)
+        first = check(backend, *problem, softcap, upstream)
+        second = check(backend, *problem, softcap, upstream)
+        for a, b in zip(first[1], second[1]):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend,device,dtype,size", provider_dtype_cases(

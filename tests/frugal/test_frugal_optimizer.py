@@ -379,6 +379,7 @@ PRECISIONS = [pytest.param(torch.float32, "fp32", id="fp32"),
 @pytest.mark.parametrize("backend, device", KERNELS)
 @pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("dtype, precision", PRECISIONS)
+@pytest.mark.gpu_check
 def test_optimizer_follows_the_reference_across_switches(backend, device, projection, dtype, precision):
     """Every mode of the kernel (blockwise: ADAMW and FREE; columns / rows: COLUMNS / ROWS; random / svd: ADAMW on
     the projected gradient, then FREE with an addend), both state-free rules and both switch policies, in float32

@@ -135,6 +135,7 @@ def _off_the_diagonal(backend, device, dtype, grad_dtype, compensated, rule):
 
 @pytest.mark.parametrize("backend, device, dtype, grad_dtype, compensated, rule",
                          provider_grid(KERNELS, POINTS, slow=_off_the_diagonal))
+@pytest.mark.gpu_check
 def test_primitive_gives_the_oracles_bits(backend, device, dtype, grad_dtype, compensated, rule):
     layout = tensors(LARGE[backend])
     expected = _problem(dtype, grad_dtype, compensated, seed=7, layout=layout)

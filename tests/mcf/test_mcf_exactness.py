@@ -88,6 +88,7 @@ def test_float64_runs_on_the_reference_only(backend, device):
 
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.gpu_check
 def test_strided_and_empty_inputs(backend, device, dtype):
     generator = _generator(7)
     a, b = hard_sum_operands(7 * 13 * 5, dtype, generator, SUM_BINADES[dtype])

@@ -87,6 +87,7 @@ def _pair_inputs(n: int, dtype: torch.dtype, generator: torch.Generator):
 @pytest.mark.parametrize("backend,device", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 777, 5000])
+@pytest.mark.gpu_check
 def test_pair_ops_match_the_reference_bit_for_bit(backend, device, dtype, n):
     hi, lo, v, b_hi, b_lo = _pair_inputs(n, dtype, _generator(n))
     on = {name: t.to(device) for name, t in dict(hi=hi, lo=lo, v=v, b_hi=b_hi, b_lo=b_lo).items()}

@@ -1,61 +1,50 @@
-// The building blocks of the CUDA loss kernels, csrc/cuda/contrastive.cu (S = image text^T) and
-// csrc/cuda/cross_entropy.cu (z = hidden W^T). A CTA of 256 threads computes one 64 x 64 float32 tile of a product
-// A B^T into shared memory, staging chunks of feature dimensions of the tile's 64 rows of A and 64 rows of B, and
-// then runs an "epilogue" over the tile in which 4 consecutive threads share each line (a row or a column) of it.
-// Here: the tile's layout, the staging of feature chunks, the tile product (TileProduct), the epilogue's line
-// reductions, and the host side both files share (the dtype dispatch to CUDA element types, checks, launch sizes).
+// What the CUDA providers of the loss plans share (csrc/cuda/contrastive.cu, csrc/cuda/cross_entropy.cu): their
+// GEMMs (multiply, the Steps::multiply of leanops/contrastive_plan_host.h and leanops/cross_entropy_plan_host.h: one
+// cuBLAS call through ATen per GEMM), the GEMM operands' layout, the float16 gradient scale, and the building blocks
+// of their fused steps: element conversions and deterministic warp / CTA reductions.
+//
+// The fused steps are plain elementwise and reduction kernels over a float32 panel in global memory (the GEMMs'
+// output): a CTA of kThreads threads per panel row for row statistics (each thread takes the columns
+// threadIdx.x + kThreads k, then one CTA-wide reduction in a fixed order), one thread per panel column for column
+// statistics (the panel's rows in fixed splits, each split's partial written to a scratch row, the splits then
+// combined in order by one thread per column). No atomics: every result is reproducible bit for bit, on any stream.
 //
 // Header names: <topic>.h host+device, <topic>_host.h ATen host code of both backends, <topic>_cpu.h, <topic>_cuda.cuh.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <utility>
 
 #include "leanops/common_host.h"
+#include "leanops/panel_host.h"
+#include "leanops/panel_math.h"
 
 namespace leanops {
 namespace cuda_tile {
 
-namespace wmma = nvcuda::wmma;
-
-constexpr int kBlock = 64;  // rows and columns of one tile
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Epilogue layout: 4 consecutive threads share one line (a row, or a column) of the tile, 16 entries each, and
-// combine their partial results with two warp shuffles.
-constexpr int kLanesPerLine = kThreads / kBlock;
-constexpr int kEntriesPerLane = kBlock / kLanesPerLine;
-// Leading dimension of the float32 tile: a multiple of 4 (16 bytes), as WMMA's store needs.
-constexpr int kTileStride = kBlock + 4;
+// The fused steps' kernels are compiled for at least this many resident CTAs per multiprocessor (__launch_bounds__:
+// at most 64 registers per thread). Without a minimum, ptxas squeezed linear_ce_forward_rows_kernel into 32 registers
+// and spilled; with it, every kernel takes 12 to 48 registers and none spills (scripts/reports/hopper_cuda_report.py).
+constexpr int kMinimumCtasPerMultiprocessor = 4;
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
-
-static_assert(kLanesPerLine == 4 && kEntriesPerLane == 16, "line_sum / line_max combine 4 lanes");
-static_assert(kWarps == 8, "the WMMA layout gives each of 8 warps a 16 x 32 region of a 64 x 64 tile");
-
-// Leading dimension (in elements) of a staged feature chunk [kBlock][kChunk].
-template <typename T, int kChunk>
-struct Staging {
-  // 16-bit features: a multiple of 8 elements (16 bytes: WMMA loads, cp.async and vector stores); kChunk + 8 also
-  // keeps ldmatrix conflict-free for 64-dimension chunks (144 bytes per row).
-  static constexpr int kStride = kChunk + 8;
-};
-template <int kChunk>
-struct Staging<float, kChunk> {
-  // float32 features: an odd stride, so the SIMT loop's reads down a column of the chunk hit 16 different banks.
-  static constexpr int kStride = kChunk + 1;
-};
+// Rows of a panel per split of the column kernels: a split's partial is one float per column (a 64th of the
+// panel's entries, a 256th of its bytes), and a panel of P rows gives P / 64 splits to spread over the GPU.
+constexpr int64_t kRowsPerSplit = 64;
 
 // ---------------------------------------------------------------------------------------------------------------
-// Scalar helpers.
+// Element conversions.
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -76,308 +65,53 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-template <typename T>
-__device__ __forceinline__ T zero_value() {
-  return from_float<T>(0.0f);
-}
+// ---------------------------------------------------------------------------------------------------------------
+// Reductions. The xor butterflies leave the same bits in every lane (at each step two lanes add the same two values,
+// and IEEE addition commutes); the CTA reductions add the warps' results in warp order.
 
-// max(a, b), but NaN when either is NaN: fmaxf would drop a NaN logit, and a NaN input must reach the output.
-__device__ __forceinline__ float max_with_nan(float a, float b) { return (a > b || a != a) ? a : b; }
-
-// The sum (max) over the 4 lanes of a line, returned to all 4; every lane of the warp must call it. Each lane adds
-// the same two pairs, so all 4 get bitwise the same value.
-__device__ __forceinline__ float line_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-  return v;
-}
-__device__ __forceinline__ float line_max(float v) {
-  v = max_with_nan(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  v = max_with_nan(v, __shfl_xor_sync(0xffffffffu, v, 2));
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-// A thread's line in the epilogue layout, in a CTA that owns block blockIdx.x of the lines (rows or columns of the
-// product) on its side, of which there are `count`.
-struct OwnLine {
-  int line;       // the line of the tile, threadIdx.x / 4
-  int lane;       // the thread's lane among the 4 that share the line (lane_in_line), threadIdx.x % 4
-  int64_t first;  // the block's first line
-  int64_t index;  // first + line
-  bool valid;     // index < count
-};
-__device__ __forceinline__ OwnLine own_line(int64_t count) {
-  const int line = threadIdx.x / kLanesPerLine;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBlock;
-  return {line, static_cast<int>(threadIdx.x % kLanesPerLine), first, first + line, first + line < count};
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v = panel_math::max_with_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
 }
 
-// A set of logits as (max, sum of exp(logit - max)); max = -inf is the empty set. Merges b into a.
-__device__ __forceinline__ void merge_lse(float& max_a, float& sum_a, float max_b, float sum_b) {
-  const float merged_max = max_with_nan(max_a, max_b);
-  if (merged_max == -kInfinity) return;  // both empty (exp(-inf - -inf) would be NaN)
-  const float part_a = max_a == -kInfinity ? 0.0f : sum_a * expf(max_a - merged_max);
-  const float part_b = max_b == -kInfinity ? 0.0f : sum_b * expf(max_b - merged_max);
-  sum_a = part_a + part_b;
-  max_a = merged_max;
+// The sum (max) over the CTA of every thread's v, returned to all threads; every thread must call it. `scratch` is a
+// __shared__ float[kWarps]; it ends with a barrier, so scratch can be reused at once.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
 }
 
-// The (max, sum of exp(logit - max)) of the counted logits of one line of the tile, in the epilogue layout: lane
-// lane_in_line of the line holds its entries e = lane_in_line + 4 j as logits[j], and entry e counts where
-// first + e < count. Returned to all 4 lanes of the line; max is -inf (and sum 0) when no logit counts, NaN when one
-// is NaN. Every lane of the warp must call it.
-__device__ __forceinline__ void line_lse(const float (&logits)[kEntriesPerLane], int lane_in_line, int64_t first,
-                                         int64_t count, float& max, float& sum) {
-  float tile_max = -kInfinity;
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  float best = scratch[0];
 #pragma unroll
-  for (int j = 0; j < kEntriesPerLane; ++j) {
-    const int e = lane_in_line + kLanesPerLine * j;
-    if (first + e < count) tile_max = max_with_nan(tile_max, logits[j]);
-  }
-  tile_max = line_max(tile_max);
-  float tile_sum = 0.0f;
-  if (tile_max != -kInfinity) {
-#pragma unroll
-    for (int j = 0; j < kEntriesPerLane; ++j) {
-      const int e = lane_in_line + kLanesPerLine * j;
-      if (first + e < count) tile_sum += expf(logits[j] - tile_max);
-    }
-  }
-  max = tile_max;
-  sum = line_sum(tile_sum);
+  for (int w = 1; w < kWarps; ++w) best = panel_math::max_with_nan(best, scratch[w]);
+  __syncthreads();
+  return best;
 }
-
-// ---------------------------------------------------------------------------------------------------------------
-// Asynchronous copies (sm_80+). Each thread waits for its own copies; a barrier after the wait makes every
-// thread's copies visible to the CTA.
-
-__device__ __forceinline__ void copy_async_16(void* shared_destination, const void* global_source, bool inside) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  const int source_bytes = inside ? 16 : 0;  // 0: the 16 bytes are zero-filled and nothing is read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source),
-               "r"(source_bytes)
-               : "memory");
-#else
-  uint4 value = make_uint4(0u, 0u, 0u, 0u);
-  if (inside) value = *reinterpret_cast<const uint4*>(global_source);
-  *reinterpret_cast<uint4*>(shared_destination) = value;
-#endif
-}
-
-__device__ __forceinline__ void copy_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until at most `kPending` of this thread's most recent copy groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Staging and the tile product. Every function below is called by all threads of the CTA.
-
-template <typename T, int N>
-struct alignas(16) Vector {
-  T value[N];
-};
-
-// dst[r][k] = src[first_row + r][first_col + k] for r < kBlock, k < kChunk; zero past `rows` rows and `dim` columns.
-// `vectorized`: dim is a multiple of the 16-byte vector and src is 16-byte aligned, so a vector lies entirely inside
-// or entirely outside [0, dim) and can be read with one 16-byte load. kAsync: with 16-byte aligned destination rows
-// the vectors are copied with cp.async (the caller commits and waits); otherwise the loads are synchronous.
-template <int kChunk, bool kAsync = false, typename T, int kStride>
-__device__ __forceinline__ void load_chunk(T (&dst)[kBlock][kStride], const T* __restrict__ src, int64_t first_row,
-                                           int64_t rows, int64_t dim, int64_t first_col, bool vectorized) {
-  if (vectorized) {
-    constexpr int kVector = 16 / static_cast<int>(sizeof(T));
-    constexpr int kVectorsPerRow = kChunk / kVector;
-    constexpr bool kAlignedRows = (kStride * sizeof(T)) % 16 == 0;
-    for (int v = threadIdx.x; v < kBlock * kVectorsPerRow; v += kThreads) {
-      const int r = v / kVectorsPerRow;
-      const int k = (v % kVectorsPerRow) * kVector;
-      const int64_t row = first_row + r;
-      const int64_t col = first_col + k;
-      const bool inside = row < rows && col < dim;
-      if constexpr (kAsync && kAlignedRows) {
-        copy_async_16(&dst[r][k], inside ? src + row * dim + col : src, inside);
-      } else {
-        Vector<T, kVector> vector;
-        if (inside) {
-          vector = *reinterpret_cast<const Vector<T, kVector>*>(src + row * dim + col);
-        } else {
-#pragma unroll
-          for (int e = 0; e < kVector; ++e) vector.value[e] = zero_value<T>();
-        }
-        if constexpr (kAlignedRows) {
-          *reinterpret_cast<Vector<T, kVector>*>(&dst[r][k]) = vector;
-        } else {
-#pragma unroll
-          for (int e = 0; e < kVector; ++e) dst[r][k + e] = vector.value[e];
-        }
-      }
-    }
-  } else {
-    // Consecutive threads read consecutive columns of a row: coalesced within a row.
-    for (int v = threadIdx.x; v < kBlock * kChunk; v += kThreads) {
-      const int r = v / kChunk;
-      const int k = v % kChunk;
-      const int64_t row = first_row + r;
-      const int64_t col = first_col + k;
-      dst[r][k] = (row < rows && col < dim) ? src[row * dim + col] : zero_value<T>();
-    }
-  }
-}
-
-template <typename T>
-constexpr bool use_tensor_cores() {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  return !std::is_same_v<T, float>;  // bfloat16 WMMA needs sm_80
-#else
-  return false;
-#endif
-}
-
-// The SIMT path's 4 x 4 register tile of a product: partial[i][j] = sum over k < kCount of a(i, k) b(j, k) (i, j < 4,
-// float32 operands), with float32 fused multiply-adds in k order, from 0.
-template <int kCount, typename A, typename B>
-__device__ __forceinline__ void register_tile_product(float (&partial)[4][4], A a, B b) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) partial[i][j] = 0.0f;
-  }
-#pragma unroll 8
-  for (int k = 0; k < kCount; ++k) {
-    float a_k[4], b_k[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      a_k[i] = a(i, k);
-      b_k[i] = b(i, k);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) partial[i][j] = fmaf(a_k[i], b_k[j], partial[i][j]);
-    }
-  }
-}
-
-// The tile product: a CTA's 64 x 64 tile of A B^T, accumulated in registers one staged chunk at a time (add), then
-// written to shared memory (store). Each chunk's products are summed into a fresh partial, which is then added to
-// the total with float32 adds: rounding errors grow with D / kChunk + kChunk rather than D, so the tile is more
-// accurate than a plain float32 dot product (cuBLAS, MKL). bfloat16 / float16 features take the tensor cores through
-// WMMA (16 x 16 x 16, float32 accumulators: products of 16-bit values are exact in float32, and the fresh partial
-// per chunk confines the tensor cores' internal accumulation, which does not round to nearest on every add, to one
-// chunk). float32 features take a SIMT path with explicit fmaf, 4 x 4 entries per thread: no TF32, since the results
-// must match float32 arithmetic to ~1e-6, and explicit because the project builds with --fmad=false (for the exact
-// MCF arithmetic), which only stops the compiler from contracting; a fused multiply-add here halves the instructions
-// and rounds once instead of twice.
-template <typename T, bool kTensorCores = use_tensor_cores<T>()>
-class TileProduct;
-
-template <typename T>
-class TileProduct<T, true> {
- public:
-  // 8 warps over 4 x 4 sub-tiles of 16 x 16: warp w takes sub-tile row w / 2 and two sub-tile columns.
-  __device__ __forceinline__ TileProduct() {
-    const int warp = threadIdx.x / 32;
-    sub_row_ = (warp / 2) * 16;
-    sub_col_ = (warp % 2) * 32;
-    wmma::fill_fragment(total_[0], 0.0f);
-    wmma::fill_fragment(total_[1], 0.0f);
-  }
-
-  // Adds the products of one staged chunk: rows[r] . cols[c] over its kChunk dimensions. The chunk must be complete
-  // (a barrier since it was written).
-  template <int kChunk, int kStride>
-  __device__ __forceinline__ void add(const T (&rows)[kBlock][kStride], const T (&cols)[kBlock][kStride]) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> partial[2];
-    wmma::fill_fragment(partial[0], 0.0f);
-    wmma::fill_fragment(partial[1], 0.0f);
-#pragma unroll
-    for (int k = 0; k < kChunk; k += 16) {
-      // A = the staged rows (row-major M x K); B = cols^T, which is the staged cols read column-major (K x N).
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, &rows[sub_row_][k], kStride);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, &cols[sub_col_ + 16 * j][k], kStride);
-        wmma::mma_sync(partial[j], a, b, partial[j]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      // Fragments of one type share their element layout, so elementwise adds are well defined.
-#pragma unroll
-      for (int e = 0; e < partial[j].num_elements; ++e) total_[j].x[e] += partial[j].x[e];
-    }
-  }
-
-  __device__ __forceinline__ void store(float (&tile)[kBlock][kTileStride]) const {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      wmma::store_matrix_sync(&tile[sub_row_][sub_col_ + 16 * j], total_[j], kTileStride, wmma::mem_row_major);
-    }
-  }
-
- private:
-  int sub_row_;
-  int sub_col_;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> total_[2];
-};
-
-template <typename T>
-class TileProduct<T, false> {
- public:
-  // Thread (ty, tx) computes rows ty + 16 i and columns tx + 16 j, i, j < 4. Within a warp ty takes 2 values
-  // (broadcast reads of the staged rows) and tx 16 (conflict-free reads of the staged cols down their odd stride).
-  __device__ __forceinline__ TileProduct() : tx_(threadIdx.x % 16), ty_(threadIdx.x / 16) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) total_[i][j] = 0.0f;
-    }
-  }
-
-  template <int kChunk, int kStride>
-  __device__ __forceinline__ void add(const T (&rows)[kBlock][kStride], const T (&cols)[kBlock][kStride]) {
-    float partial[4][4];
-    register_tile_product<kChunk>(
-        partial, [&](int i, int k) { return to_float(rows[ty_ + 16 * i][k]); },
-        [&](int j, int k) { return to_float(cols[tx_ + 16 * j][k]); });
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) total_[i][j] += partial[i][j];
-    }
-  }
-
-  __device__ __forceinline__ void store(float (&tile)[kBlock][kTileStride]) const {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) tile[ty_ + 16 * i][tx_ + 16 * j] = total_[i][j];
-    }
-  }
-
- private:
-  int tx_;
-  int ty_;
-  float total_[4][4];
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host side. `kernels` names the calling file's kernels in messages ("leanops contrastive CUDA kernels").
 
 // Calls fn(TypeTag<T>{}) with the CUDA element type T (float, __half, __nv_bfloat16) of a float32, float16 or
-// bfloat16 feature dtype. The ops check the dtype first; any other is an error that starts with `unsupported`.
+// bfloat16 dtype. The ops check the dtype first; any other is an error that starts with `unsupported`.
 template <typename Fn>
 void dispatch_features(at::ScalarType dtype, const char* unsupported, Fn&& fn) {
   const bool supported = dispatch_float_dtype<float, __half, __nv_bfloat16>(dtype, std::forward<Fn>(fn));
@@ -389,12 +123,9 @@ const T* data_of(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 
-// Both feature matrices can be read in 16-byte vectors (see load_chunk).
 template <typename T>
-bool can_vectorize(const at::Tensor& a, const at::Tensor& b, int64_t dim) {
-  constexpr int64_t kVector = 16 / static_cast<int64_t>(sizeof(T));
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
-  return dim % kVector == 0 && aligned(a) && aligned(b);
+T* mutable_data_of(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.mutable_data_ptr());
 }
 
 // Makes the device of the op's first feature argument `name` current for the op, after checking that it is a CUDA
@@ -405,13 +136,61 @@ inline c10::cuda::CUDAGuard device_guard(const char* op, const char* name, const
   return c10::cuda::CUDAGuard(t.device());
 }
 
-inline int64_t num_blocks(int64_t count) { return (count + kBlock - 1) / kBlock; }
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-// A grid dimension of `blocks` CTAs; too many is an error naming what they cover ("batch", "N", ...).
+// A grid dimension of `blocks` CTAs (at least 1); too many is an error naming what they cover ("batch", "N", ...).
 inline unsigned grid_size(int64_t blocks, const char* kernels, const char* what) {
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), kernels, ": ", what, " too large");
-  return static_cast<unsigned>(blocks);
+  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
 }
+
+// The column kernels' split of a panel's rows: rows per split (kRowsPerSplit, more when the splits would exceed the
+// grid's y dimension) and the number of splits.
+struct RowSplits {
+  int64_t rows_per_split;
+  int64_t count;
+};
+inline RowSplits row_splits(int64_t rows) {
+  const int64_t per_split = std::max<int64_t>(kRowsPerSplit, (rows + 65534) / 65535);
+  return {per_split, std::max<int64_t>(1, (rows + per_split - 1) / per_split)};
+}
+
+// A GEMM operand: the tensor contiguous, starting on a 256-byte boundary (a fresh copy when it does not). cuBLAS(Lt)
+// picks its kernels by the operands' alignment (up to 256 bytes), and different kernels add in different orders:
+// realigned operands give the same bits however the caller's tensor was laid out.
+inline at::Tensor gemm_operand(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 256 != 0) c = c.clone();
+  return c;
+}
+
+// out (float32) = a b, or += a b: one aten::mm / aten::addmm call (cuBLAS; the .dtype overload for 16-bit a and b,
+// float32 accumulation and output). float32 operands take cuBLAS's float32 GEMM: torch's default matmul precision
+// ("highest", no TF32) is assumed, as everywhere in torch.
+inline void multiply(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  panel::matrix_product(std::move(out), a, b, accumulate);
+}
+
+namespace {  // the kernel and its launcher are compiled into each file that includes this header
+
+// scale[0 .. 1] = (s, 1 / s), panel_math::gradient_scale of *bound; read and written on the device.
+__global__ void gradient_scale_kernel(const float* __restrict__ bound, float* __restrict__ scale) {
+  const panel_math::GradientScale s = panel_math::gradient_scale(*bound);
+  scale[0] = s.scale;
+  scale[1] = s.inverse;
+}
+
+// [scale, 1 / scale] (float32 (2,), on the device, no host synchronisation) from a 0-dim bound on |G|.
+at::Tensor gradient_scale(const at::Tensor& bound) {
+  const at::Tensor bound_c = bound.to(at::kFloat).contiguous();
+  at::Tensor scale = at::empty({2}, bound_c.options());
+  gradient_scale_kernel<<<1, 1, 0, current_stream()>>>(bound_c.const_data_ptr<float>(),
+                                                        scale.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return scale;
+}
+
+}  // namespace
 
 }  // namespace cuda_tile
 }  // namespace leanops

@@ -2,7 +2,7 @@
 
 ``linear_ce_forward`` / ``linear_ce_backward`` are the primitives that the Triton, CUDA and C++ kernels implement
 (csrc/ops.cpp states their contract), here over chunks of tokens and of the vocabulary with torch's own operators:
-memory O(chunk x V + N x chunk), any device, float64 too. With ``python/leanops/cross_entropy.py`` they give
+memory O(chunk x V + N x chunk + N x D), any device, float64 too. With ``python/leanops/cross_entropy.py`` they give
 ``linear_cross_entropy`` with ``backend="reference"`` (and ``linear_cross_entropy_chunked``). The dense O(N V)
 formula is the tests' oracle (tests/oracles.py), not a provider.
 
@@ -73,25 +73,20 @@ def linear_ce_backward(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Te
     """Gradients of sum_n (grad_lse lse + grad_target target_logit + grad_sum logit_sum + grad_square_sum
     logit_square_sum) for hidden (N, D), weight (V, D) and bias (V,; empty without a bias), in their dtypes.
 
-    Two chunked passes, each reduction complete inside a chunk (no partial sums across chunks): token chunks give
-    grad_hidden = G W, vocabulary chunks give grad_weight = G^T h and grad_bias = sum_n G."""
+    One pass over vocabulary chunks (the plan of every provider, leanops/plans.py: the logits recomputed once, 8 N V D
+    matrix FLOPs with the forward): a chunk's G gives grad_weight[chunk] = G^T h and grad_bias[chunk] = sum_n G,
+    complete, and adds G W[chunk] to grad_hidden, accumulated in float32 (float64) over the chunks in order."""
     dtype = accumulation_dtype(hidden)
     h, w, b = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
     per_token = [t.to(dtype) for t in (lse, grad_lse, grad_target, grad_sum, grad_square_sum)]
-    tokens, vocabulary = h.shape[0], w.shape[0]
-    everything = slice(0, vocabulary)
-    grad_hidden = torch.empty_like(hidden)
-    for rows in row_slices(tokens, CHUNK_ROWS):
-        logits, derivative = _logits_chunk(h[rows], w, b, softcap)
-        chunk_stats = [t[rows] for t in per_token]
-        gradient = _logit_gradient(logits, derivative, chunk_stats[0], targets[rows], *chunk_stats[1:], everything)
-        grad_hidden[rows] = (gradient @ w).to(hidden.dtype)
+    grad_hidden = torch.zeros_like(h)
     grad_weight = torch.empty_like(weight)
     grad_bias = torch.empty_like(bias)
-    for columns in row_slices(vocabulary, CHUNK_ROWS):
+    for columns in row_slices(w.shape[0], CHUNK_ROWS):
         logits, derivative = _logits_chunk(h, w[columns], b[columns] if b.numel() else b, softcap)
         gradient = _logit_gradient(logits, derivative, per_token[0], targets, *per_token[1:], columns)
+        grad_hidden += gradient @ w[columns]
         grad_weight[columns] = (gradient.T @ h).to(weight.dtype)
         if bias.numel():
             grad_bias[columns] = gradient.sum(dim=0).to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    return grad_hidden.to(hidden.dtype), grad_weight, grad_bias
