@@ -38,7 +38,8 @@ TORCH_LIBRARY(leanops, m) {
   // bias (V,) or empty (0,) for none, all of one float dtype; targets (N,) int64 in [0, V) or -1 (no target);
   // softcap > 0 caps the logits, z' = softcap * tanh(z / softcap), softcap <= 0 means none. z = hidden @ weight^T
   // + bias never exists beyond one chunk. Statistics are float32; gradients come back in the input dtype, each
-  // reduced in float32 inside one chunk (token chunks for grad_hidden, vocabulary chunks for grad_weight/bias).
+  // reduced in float32 and rounded once: grad_weight/bias complete per vocabulary chunk, grad_hidden summed over
+  // the chunks in a float32 (N, D) buffer (python/leanops/plans.py).
   //   linear_ce_forward: lse[n] = logsumexp_j z'[n,j], target_logit[n] = z'[n,t_n] (0 where t_n < 0),
   //   logit_sum[n] = sum_j z'[n,j], logit_square_sum[n] = sum_j z'[n,j]^2
   m.def(

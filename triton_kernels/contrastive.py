@@ -43,7 +43,7 @@ import triton.language as tl
 from leanops import plans
 
 from . import gemm, tile_tuning
-from .tiles import INTERPRETER_TILES, forward_candidates
+from .tiles import forward_candidates
 from .tiles import Tiles as _Tiles
 from .tiles import aligned_features as _aligned_features
 from .tiles import device_context as _device_context

@@ -38,7 +38,7 @@ import triton.language as tl
 from leanops import plans
 
 from . import gemm, tile_tuning
-from .tiles import INTERPRETER_TILES, Tiles, aligned_features, device_context, forward_candidates, input_precision
+from .tiles import Tiles, aligned_features, device_context, forward_candidates, input_precision
 from .tiles import product_tile, unpadded
 
 # ---------------------------------------------------------------------------------------------------------------

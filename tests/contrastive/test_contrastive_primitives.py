@@ -50,16 +50,13 @@ SIGLIP_BACKWARD = ("grad_image", "grad_text", "grad_scale", "grad_bias")
 
 
 def gradient_floor(backend: str, dtype: torch.dtype) -> float:
-    """The floor of the tolerance for a provider's gradients (statistics: 1e-5 everywhere). The Triton kernels
-    round the float32 tile (G or D) to the feature dtype before its product with the features, as FlashAttention
-    does: 16-bit features' gradients carry a few units of that rounding. The CUDA kernels keep G in float32, but
-    the tensor cores' accumulation of S inside a 32-dimension chunk truncates: 1e-4 for 16-bit features."""
+    """The floor of the tolerance for a provider's gradients (statistics: 1e-5 everywhere). The GPU providers
+    (Triton, CUDA) write the panel of G (or D) in the feature dtype before its GEMMs with the features, as
+    FlashAttention does with P: 16-bit features' gradients carry a few units of that rounding."""
     if dtype in (torch.float32, torch.float64):
         return 1e-5
-    if backend == "triton":
+    if backend in ("triton", "cuda"):
         return 4 * unit_roundoff(dtype)
-    if backend == "cuda":
-        return 1e-4
     return 1e-5
 
 

@@ -14,8 +14,8 @@
 // the device's default. CUDA: 64 MiB and at least 512 rows, python/leanops/plans.py's numbers, which the Triton
 // provider sizes its panels with: a panel of P rows gives its float32 accumulation (grad_y += G^T x,
 // grad_h += G W) P FLOPs per byte of traffic, and P >= 512 keeps that traffic a small part of the time (a
-// 512 x 8192 output is also 256 cuBLAS tiles, about two waves of an H100). CPU: 8 MiB (plans.py says 32 MiB for
-// the Python providers), so that a panel stays in the last-level cache between its GEMM and its fused step, which
+// 512 x 8192 output is also 256 cuBLAS tiles, about two waves of an H100). CPU: 8 MiB (plans.py's number too), so
+// that a panel stays in the last-level cache between its GEMM and its fused step, which
 // read and write it several times: measured on the 2-core development VM (32 MiB L3) at B = 4096, one CLIP
 // forward + backward took 20-30 % less time with 8 MiB panels than with 32 MiB ones at D = 8, the same at D = 256.
 // Rows in multiples of 64 keep the GEMM operands of consecutive panels equally aligned.

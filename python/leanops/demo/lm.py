@@ -60,7 +60,8 @@ LM_SIZES = {
     "quick": {"model": {"d_model": 32, "layers": 1, "heads": 2, "mlp_hidden": 64, "context": 32}, "steps": 24,
               "batch_tokens": 256, "corpus_bytes": 1 << 20, "validation_windows": 16, "evaluations": 4,
               "update_gap": 8,
-              "head_tokens": 256, "head_vocabulary": 8192},
+              # 64 MiB of float32 logits: well over one chunk of the CPU's 8 MiB panel budget (leanops/plans.py).
+              "head_tokens": 512, "head_vocabulary": 32768},
     "cpu": {"model": "tiny", "steps": 200,
             "batch_tokens": 1024, "corpus_bytes": 8 << 20, "validation_windows": 64, "evaluations": 10,
             "update_gap": 50,
