@@ -147,17 +147,6 @@ __global__ void __launch_bounds__(kThreads, kMinimumCtasPerMultiprocessor)
   partial[split * batch + j] = total;
 }
 
-// column_sums[j] += the splits' partials of column j, added in split order.
-__global__ void __launch_bounds__(kThreads, kMinimumCtasPerMultiprocessor)
-    add_column_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t batch,
-                               float* __restrict__ column_sums) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= batch) return;
-  float total = 0.0f;
-  for (int64_t split = 0; split < splits; ++split) total += partial[split * batch + j];
-  column_sums[j] += total;
-}
-
 // clip_backward, rows kernel: G[r, j] = row_weight s p + col_weight s q (panel_math::clip_gradient), written in T
 // times the gradient scale, and row_ps[first_row + r] = sum_j p S. `gradient` may be the panel itself (float32
 // features): each entry is read before the same thread overwrites it, hence no __restrict__ on the two.
@@ -324,8 +313,9 @@ struct CudaSteps {
         similarity, rows, batch, splits.rows_per_split, scale, step.col_lse.const_data_ptr<float>(),
         partial.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    add_column_partials_kernel<<<column_grid(batch, {0, 1}), kThreads, 0, stream>>>(
-        partial.const_data_ptr<float>(), splits.count, batch, step.column_qs.mutable_data_ptr<float>());
+    sum_column_partials_kernel<<<column_grid(batch, {0, 1}), kThreads, 0, stream>>>(
+        partial.const_data_ptr<float>(), splits.count, batch, step.column_qs.mutable_data_ptr<float>(),
+        /*accumulate=*/true);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const float* const gradient_scale =
         step.gradient_scale.defined() ? step.gradient_scale.const_data_ptr<float>() : nullptr;

@@ -135,17 +135,6 @@ __global__ void __launch_bounds__(kThreads, kMinimumCtasPerMultiprocessor)
   partial[split * columns + j] = total;
 }
 
-// sums[j] = the splits' partials of column j, added in split order.
-__global__ void __launch_bounds__(kThreads, kMinimumCtasPerMultiprocessor)
-    sum_column_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t columns,
-                               float* __restrict__ sums) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= columns) return;
-  float total = 0.0f;
-  for (int64_t split = 0; split < splits; ++split) total += partial[split * columns + j];
-  sums[j] = total;
-}
-
 // Backward, rows kernel: G[n, j] in T, times the gradient scale. `gradient` may be the chunk itself (float32 inputs):
 // each entry is read before the same thread overwrites it, hence no __restrict__ on the two.
 template <typename T>
@@ -219,7 +208,8 @@ struct CudaSteps {
                 splits.rows_per_split, partial.mutable_data_ptr<float>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         sum_column_partials_kernel<<<column_blocks, kThreads, 0, stream>>>(
-            partial.const_data_ptr<float>(), splits.count, columns, step.bias_gradient.mutable_data_ptr<float>());
+            partial.const_data_ptr<float>(), splits.count, columns, step.bias_gradient.mutable_data_ptr<float>(),
+            /*accumulate=*/false);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       linear_ce_backward_rows_kernel<T><<<grid_size(tokens, kKernels, "N"), kThreads, 0, stream>>>(

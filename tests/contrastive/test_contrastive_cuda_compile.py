@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 TYPES = ("float", "__half", "__nv_bfloat16")
 KERNELS = ({"clip_forward_rows_kernel", "clip_forward_column_partials_kernel", "clip_merge_column_partials_kernel",
-            "clip_backward_column_partials_kernel", "add_column_partials_kernel", "siglip_forward_rows_kernel",
+            "clip_backward_column_partials_kernel", "sum_column_partials_kernel", "siglip_forward_rows_kernel",
             "sum_rows_kernel", "gradient_scale_kernel"}
            | {f"{name}<{t}>" for name in ("clip_backward_rows_kernel", "siglip_backward_rows_kernel") for t in TYPES})
 GEMM_OPERATORS = {"mm_out", "mm_dtype_out", "addmm_out", "addmm_dtype_out"}

@@ -190,6 +190,18 @@ at::Tensor gradient_scale(const at::Tensor& bound) {
   return scale;
 }
 
+// sums[j] = (accumulate ? sums[j] : 0) + the splits' partials of column j, added in split order (deterministic):
+// the second half of every split column reduction of the loss steps. Grid: columns / kThreads.
+__global__ void __launch_bounds__(kThreads, kMinimumCtasPerMultiprocessor)
+    sum_column_partials_kernel(const float* __restrict__ partial, int64_t splits, int64_t columns,
+                               float* __restrict__ sums, bool accumulate) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= columns) return;
+  float total = 0.0f;
+  for (int64_t split = 0; split < splits; ++split) total += partial[split * columns + j];
+  sums[j] = accumulate ? sums[j] + total : total;
+}
+
 }  // namespace
 
 }  // namespace cuda_tile
