@@ -17,7 +17,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest pytest-benchmark ninja setuptools \
+"$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest pytest-benchmark hypothesis ninja setuptools \
   wheel matplotlib
 # transformers: only for the Hugging Face integration's parity test (tiny random models, nothing downloaded).
 "$venv/bin/python" -m pip install --quiet transformers

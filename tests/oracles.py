@@ -84,7 +84,8 @@ def per_token_loss(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
         off_target = torch.ones_like(logits, dtype=torch.bool)
         safe_targets = torch.where(valid, targets, 0)
         off_target[torch.arange(logits.shape[0], device=logits.device), safe_targets] = False
-        squares = torch.where(off_target, logits.square(), 0).sum(dim=-1)
+        # (masked before squaring: an ignored token's -inf logit must not turn its zero gradient into 0 * inf)
+        squares = torch.where(off_target & valid[:, None], logits, 0).square().sum(dim=-1)
         loss = loss + (squares / (vocabulary - 1) if vocabulary > 1 else torch.zeros_like(squares))
     return torch.where(valid, loss, 0)
 

@@ -15,6 +15,10 @@ float conversion of the arguments is exact), -lr included.
 Rounding to F (NATIVE, the GPU): bfloat16 by the hardware's conversion, one instruction a rounding (_f), float16 by
 Triton's conversions (which LLVM turns into float16x2 arithmetic where it can: the same values). Under the
 interpreter (NATIVE false) bfloat16 is rounded on its bit pattern: the interpreter's own conversion truncates.
+Arithmetic in F on the pair path (_packed): the operations of the MCF algorithms (TwoSum, Fast2Sum, Grow, Scale's
+cross terms), each of two F values, are add.rn / sub.rn / mul.rn on bf16x2 or f16x2 words of two values, one
+instruction for two elements: the same bits as the float32 operation then the rounding (the double-rounding theorem;
+tests/collage/test_collage_packed_rounding.py). Under the interpreter they are that float32 operation and rounding.
 
 Multi-tensor launch. One launch serves every tensor of the lists (they share dtype and device; each must be
 contiguous). The host builds a small int64 table, one row per non-empty tensor:
@@ -26,15 +30,19 @@ program per chunk of BLOCK_SIZE elements, over all tensors. A program finds its 
 first_chunk column (log2(rows) scalar loads, no per-chunk table to build or copy), casts the row's addresses to
 pointers (int64 -> pointer bitcast) and updates its chunk. When every address is 16-byte aligned (ALIGNED, checked on
 the host; then the pointers carry a ``tl.multiple_of`` hint), full chunks take a path with a constant all-true mask
-whose loads and stores are 16-byte vectors; with bfloat16 that path moves 32-bit words of two values (the pair path:
-see _widen). The last, partial chunk of a tensor, and every chunk of unaligned operands, take a masked path. On the
+whose loads and stores are 16-byte vectors, and which moves 32-bit words of two values (the pair path: see
+_widen). The last, partial chunk of a tensor, and every chunk of unaligned operands, take a masked path. On the
 GPU the table is copied from pinned memory without blocking the host.
 
 Instructions per element (SASS, sm_90, the full-chunk path without the division and square-root slow-path stubs;
-tests/collage/test_collage_sass.py): bfloat16 light 143 -> 87, plus 259 -> 126 (the rounding on the bit pattern
-took five integer instructions, and extracting 16-bit values from vectors two or three); float16 light 71 -> 72,
-plus 91 -> 96 (its arithmetic was already float16x2 instructions; about 1.3 of the difference is pointer arithmetic
-the old kernel did ahead of its branch, the rest the compiler's scheduling of the earlier loads).
+tests/collage/test_collage_sass.py): bfloat16 light 143 -> 87 -> 71, plus 259 -> 126 -> 86 (the rounding on the bit
+pattern took five integer instructions, and extracting 16-bit values from vectors two or three; then the F operations
+as packed bf16x2 instructions, where Triton's own bfloat16 arithmetic goes through float32: an operation and a
+rounding per element each); float16 light 71 -> 72 -> 72, plus 91 -> 96 -> 87 (its arithmetic was already float16x2
+instructions, LLVM's, one value per element; about 1.3 of the first difference is pointer arithmetic the old kernel
+did ahead of its branch, the rest the compiler's scheduling of the earlier loads; then the pair path with packed
+f16x2 instructions, which LLVM had not found for all of plus mode's F operations, and which keeps the words as they
+are loaded and stored).
 
 Telemetry (``metrics`` given: the METRICS constexpr). Each program writes float64 partial sums of its chunk to a
 partials buffer (grid, 3): sum s*delta and sum delta^2, with the products formed in float64 (exact, as the
@@ -102,20 +110,24 @@ def _pointer(address, start, STORAGE: tl.constexpr, ALIGNED: tl.constexpr, PAIRS
         return pointer + start
 
 
-# Storage values <-> float32. The element path (tail chunks, unaligned tensors, and float16) holds one storage value
-# per element (bfloat16 as its int16 bit pattern, float16 as itself); the pair path (bfloat16's full chunks of 16-byte
-# aligned tensors) holds a 32-bit word of two neighbouring values (low half: the even element) and their float32
-# values as an (n, 2) tensor (tl.join of the two halves, which keeps both in one thread). The pair path exists for the
-# instruction count: a 16-bit value extracted from a vector load cost Triton's code two or three instructions (PRMT,
-# MOV, shift) where a half of a 32-bit word costs one (a shift or a mask), and a stored word is made of two values by
-# one instruction, without unpacking and repacking 16-bit values.
+# Storage values <-> float32. The element path (tail chunks, unaligned tensors) holds one storage value per element
+# (bfloat16 as its int16 bit pattern, float16 as itself); the pair path (full chunks of 16-byte aligned tensors) holds
+# a 32-bit word of two neighbouring values (low half: the even element) and their float32 values as an (n, 2) tensor
+# (tl.join of the two halves, which keeps both in one thread). The pair path exists for the instruction count: a
+# 16-bit value extracted from a vector load cost Triton's code two or three instructions (PRMT, MOV, shift) where a
+# half of a 32-bit word costs one (a shift or a mask; a float16 half widens by one HADD2.F32), a stored word is made
+# of two values by one instruction, without unpacking and repacking 16-bit values, and the arithmetic in F takes the
+# words as they are (_packed).
 
 @triton.jit
 def _widen(raw, STORAGE: tl.constexpr, PAIRS: tl.constexpr):
     """Storage values as float32 (exact): one SASS instruction per element."""
-    if PAIRS:
-        tl.static_assert(STORAGE == 2, "the pair path is bfloat16's")
+    if PAIRS and STORAGE == 2:
         return tl.join((raw << 16).to(tl.float32, bitcast=True), (raw & -65536).to(tl.float32, bitcast=True))
+    elif PAIRS:
+        low = raw.to(tl.int16).to(tl.float16, bitcast=True)
+        high = (raw >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.join(low.to(tl.float32), high.to(tl.float32))
     elif STORAGE == 2:
         return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -170,26 +182,142 @@ def _rounded(x, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr
         else:
             raw = (value.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
         return value, raw
+    elif PAIRS:
+        # float16: the two values rounded into the stored word by one cvt.rn.f16x2.f32, widened by HADD2.F32.
+        raw = _word(x, STORAGE, NATIVE)
+        return _widen(raw, STORAGE, PAIRS), raw
     else:
         half = x.to(tl.float16)
         return half.to(tl.float32), half
 
 
+# Arithmetic in F on the pair path: an F value is held as the 32-bit word of two storage values (the storage form,
+# see _widen), and an operation in F of two such words is one packed instruction for both lanes on the GPU,
+# add.rn / sub.rn / mul.rn on bf16x2 (sm_90) or f16x2 (subnormals kept: no .ftz): F correctly rounded, the same bits
+# as the float32 operation followed by the rounding to F (Figueroa's double-rounding theorem: float32's 24 bits are
+# at least 2p + 2, p = 8 or 11; tests/collage/test_collage_packed_rounding.py checks the equivalence on every class of
+# operands). Triton's own bfloat16 arithmetic goes through float32 (a conversion per operand and result), hence the
+# inline assembly. Under the interpreter (NATIVE false) the same operation is the float32 operation on the widened
+# values, rounded (bfloat16 on the bit pattern, float16 by numpy's conversion) into a word (_word).
+
 @triton.jit
-def _two_sum_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr):
+def _word(x, STORAGE: tl.constexpr, NATIVE: tl.constexpr):
+    """The word of F(x) of an (n, 2) float32 pair: one cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 for both values (its
+    first operand goes to the high half); under the interpreter, bfloat16's rounding on the bit pattern or numpy's
+    float16 conversion."""
+    low, high = tl.split(x)
+    if NATIVE and STORAGE == 2:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif NATIVE:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif STORAGE == 2:
+        return (_bfloat16_bits(low) | (_bfloat16_bits(high) << 16)).to(tl.int32, bitcast=True)
+    else:
+        low_bits = low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        high_bits = high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return (low_bits | (high_bits << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _packed(a, b, OPERATION: tl.constexpr, STORAGE: tl.constexpr, NATIVE: tl.constexpr):
+    """F(a OPERATION b) on words of two F values (OPERATION: "add", "sub", "mul")."""
+    if NATIVE and STORAGE == 2:
+        return tl.inline_asm_elementwise(OPERATION + ".rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    elif NATIVE:
+        return tl.inline_asm_elementwise(OPERATION + ".rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        x = _widen(a, STORAGE, True)
+        y = _widen(b, STORAGE, True)
+        if OPERATION == "add":
+            return _word(x + y, STORAGE, NATIVE)
+        elif OPERATION == "sub":
+            return _word(x - y, STORAGE, NATIVE)
+        else:
+            return _word(x * y, STORAGE, NATIVE)
+
+
+@triton.jit
+def _add_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    """F(a + b) of two F values: float32 values rounded to F, or on the pair path words (_packed)."""
+    if PAIRS:
+        return _packed(a, b, "add", STORAGE, NATIVE)
+    else:
+        return _f(a + b, STORAGE, NATIVE)
+
+
+@triton.jit
+def _sub_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    if PAIRS:
+        return _packed(a, b, "sub", STORAGE, NATIVE)
+    else:
+        return _f(a - b, STORAGE, NATIVE)
+
+
+@triton.jit
+def _mul_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    if PAIRS:
+        return _packed(a, b, "mul", STORAGE, NATIVE)
+    else:
+        return _f(a * b, STORAGE, NATIVE)
+
+
+@triton.jit
+def _to_f(x, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
+    """F(x) of float32 x, in the form the F arithmetic takes (a float32, or on the pair path a word)."""
+    if PAIRS:
+        return _word(x, STORAGE, NATIVE)
+    else:
+        return _f(x, STORAGE, NATIVE)
+
+
+@triton.jit
+def _value(x, STORAGE: tl.constexpr, PAIRS: tl.constexpr):
+    """An F value of the F arithmetic as float32 (on the pair path: the word widened, exact)."""
+    if PAIRS:
+        return _widen(x, STORAGE, PAIRS)
+    else:
+        return x
+
+
+@triton.jit
+def _scalar_f(x, STORAGE: tl.constexpr, PAIRS: tl.constexpr):
+    """A scalar F value (a float32) in the form of the F arithmetic: on the pair path the word of two copies."""
+    if PAIRS:
+        if STORAGE == 2:  # (x is a Python float under the interpreter)
+            bits = tl.cast(tl.cast(x, tl.float32), tl.uint32, bitcast=True) >> 16
+        else:
+            bits = tl.cast(tl.cast(tl.cast(x, tl.float32), tl.float16), tl.uint16, bitcast=True).to(tl.uint32)
+        return (bits | (bits << 16)).to(tl.int32, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
+def _two_sum_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
     """eft._two_sum: Knuth's TwoSum in F arithmetic, the same operations in the same order."""
-    s = _f(a + b, STORAGE, NATIVE)
-    b_virtual = _f(s - a, STORAGE, NATIVE)
-    a_virtual = _f(s - b_virtual, STORAGE, NATIVE)
-    return s, _f(_f(a - a_virtual, STORAGE, NATIVE) + _f(b - b_virtual, STORAGE, NATIVE), STORAGE, NATIVE)
+    s = _add_f(a, b, STORAGE, NATIVE, PAIRS)
+    b_virtual = _sub_f(s, a, STORAGE, NATIVE, PAIRS)
+    a_virtual = _sub_f(s, b_virtual, STORAGE, NATIVE, PAIRS)
+    return s, _add_f(_sub_f(a, a_virtual, STORAGE, NATIVE, PAIRS), _sub_f(b, b_virtual, STORAGE, NATIVE, PAIRS),
+                     STORAGE, NATIVE, PAIRS)
 
 
 @triton.jit
 def _fast_two_sum_f(a, b, STORAGE: tl.constexpr, NATIVE: tl.constexpr, PAIRS: tl.constexpr):
-    """eft._fast_two_sum: (s, t) as float32 and in storage form (the kernel stores them)."""
-    s, s_raw = _rounded(a + b, STORAGE, NATIVE, PAIRS)
-    t, t_raw = _rounded(b - _f(s - a, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
-    return s, s_raw, t, t_raw
+    """eft._fast_two_sum: (s, t) in the form of the F arithmetic and in storage form (the kernel stores them; on the
+    pair path the two are the same words)."""
+    if PAIRS:
+        s = _packed(a, b, "add", STORAGE, NATIVE)
+        t = _packed(b, _packed(s, a, "sub", STORAGE, NATIVE), "sub", STORAGE, NATIVE)
+        return s, s, t, t
+    else:
+        s, s_raw = _rounded(a + b, STORAGE, NATIVE, PAIRS)
+        t, t_raw = _rounded(b - _f(s - a, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
+        return s, s_raw, t, t_raw
 
 
 @triton.jit
@@ -216,23 +344,28 @@ def _chunk(param_ptr, param_lo_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_sq_lo_p
     m, m_raw = _rounded(beta1 * _widen(m_raw, STORAGE, PAIRS) + one_minus_beta1 * g, STORAGE, NATIVE, PAIRS)
     tl.store(exp_avg_ptr + offsets, m_raw, mask=mask)
     square_update = one_minus_beta2 * (g * g)
-    v = _widen(v_raw, STORAGE, PAIRS)
     if PLUS:
-        v_lo = _widen(v_lo_raw, STORAGE, PAIRS)
         # Scale((v, v_lo), (F(beta2), F(beta2 - F(beta2)))) (eft._two_prod, then mcf's Scale): the error term's FMA
-        # is exact for 16-bit operands (the float32 product is exact), fused or not.
-        p = _f(v * beta2_hi, STORAGE, NATIVE)
-        e = _f(tl.fma(v, beta2_hi, -p), STORAGE, NATIVE)
-        cross = _f(_f(v * beta2_lo, STORAGE, NATIVE) + _f(v_lo * beta2_hi, STORAGE, NATIVE), STORAGE, NATIVE)
-        v, _, v_lo, _ = _fast_two_sum_f(p, _f(e + cross, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
+        # is exact for 16-bit operands (the float32 product is exact), fused or not. The product and its error are
+        # float32 operations rounded to F; the rest is arithmetic in F (on the pair path, of words: _packed).
+        v_f = v_raw if PAIRS else _widen(v_raw, STORAGE, PAIRS)
+        v_lo_f = v_lo_raw if PAIRS else _widen(v_lo_raw, STORAGE, PAIRS)
+        v = _widen(v_raw, STORAGE, PAIRS)
+        p = _to_f(v * beta2_hi, STORAGE, NATIVE, PAIRS)
+        e = _to_f(tl.fma(v, beta2_hi, -_value(p, STORAGE, PAIRS)), STORAGE, NATIVE, PAIRS)
+        cross = _add_f(_mul_f(v_f, _scalar_f(beta2_lo, STORAGE, PAIRS), STORAGE, NATIVE, PAIRS),
+                       _mul_f(v_lo_f, _scalar_f(beta2_hi, STORAGE, PAIRS), STORAGE, NATIVE, PAIRS),
+                       STORAGE, NATIVE, PAIRS)
+        v, _, v_lo, _ = _fast_two_sum_f(p, _add_f(e, cross, STORAGE, NATIVE, PAIRS), STORAGE, NATIVE, PAIRS)
         # Grow((v, v_lo), F((1 - beta2) g g)).
-        s, e = _two_sum_f(v, _f(square_update, STORAGE, NATIVE), STORAGE, NATIVE)
-        v, v_raw, v_lo, v_lo_raw = _fast_two_sum_f(s, _f(e + v_lo, STORAGE, NATIVE), STORAGE, NATIVE, PAIRS)
+        s, e = _two_sum_f(v, _to_f(square_update, STORAGE, NATIVE, PAIRS), STORAGE, NATIVE, PAIRS)
+        v, v_raw, v_lo, v_lo_raw = _fast_two_sum_f(s, _add_f(e, v_lo, STORAGE, NATIVE, PAIRS), STORAGE, NATIVE,
+                                                   PAIRS)
         tl.store(exp_avg_sq_ptr + offsets, v_raw, mask=mask)
         tl.store(exp_avg_sq_lo_ptr + offsets, v_lo_raw, mask=mask)
-        second = v + v_lo
+        second = _value(v, STORAGE, PAIRS) + _value(v_lo, STORAGE, PAIRS)
     else:
-        v, v_raw = _rounded(beta2 * v + square_update, STORAGE, NATIVE, PAIRS)
+        v, v_raw = _rounded(beta2 * _widen(v_raw, STORAGE, PAIRS) + square_update, STORAGE, NATIVE, PAIRS)
         tl.store(exp_avg_sq_ptr + offsets, v_raw, mask=mask)
         second = v
     theta_raw = tl.load(param_ptr + offsets, mask=mask, other=0)
@@ -246,14 +379,17 @@ def _chunk(param_ptr, param_lo_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_sq_lo_p
     theta_lo = _widen(theta_lo_raw, STORAGE, PAIRS)
     before = theta + theta_lo
     delta = neg_lr * (quotient + weight_decay * before)
-    # Grow((theta, theta_lo), F(delta)).
-    s, e = _two_sum_f(theta, _f(delta, STORAGE, NATIVE), STORAGE, NATIVE)
-    theta, theta_raw, theta_lo, theta_lo_raw = _fast_two_sum_f(s, _f(e + theta_lo, STORAGE, NATIVE), STORAGE,
-                                                               NATIVE, PAIRS)
+    # Grow((theta, theta_lo), F(delta)), in F arithmetic (on the pair path, of the loaded words themselves).
+    if PAIRS:
+        theta = theta_raw
+        theta_lo = theta_lo_raw
+    s, e = _two_sum_f(theta, _to_f(delta, STORAGE, NATIVE, PAIRS), STORAGE, NATIVE, PAIRS)
+    theta, theta_raw, theta_lo, theta_lo_raw = _fast_two_sum_f(s, _add_f(e, theta_lo, STORAGE, NATIVE, PAIRS),
+                                                               STORAGE, NATIVE, PAIRS)
     tl.store(param_ptr + offsets, theta_raw, mask=mask)
     tl.store(param_lo_ptr + offsets, theta_lo_raw, mask=mask)
     if METRICS:
-        stored = (theta + theta_lo) - before
+        stored = (_value(theta, STORAGE, PAIRS) + _value(theta_lo, STORAGE, PAIRS)) - before
         stored64 = stored.to(tl.float64)
         delta64 = delta.to(tl.float64)
         lost = (stored == 0) & (delta != 0)
@@ -289,10 +425,11 @@ def _collage_adamw_kernel(table_ptr, n_rows, partials_ptr, neg_lr, beta1, one_mi
     exp_avg_sq_lo = tl.load(row_ptr + 4) if PLUS else exp_avg_sq
     grad = tl.load(row_ptr + 5)
     if ALIGNED and start + BLOCK_SIZE <= numel:
-        # A full chunk of 16-byte aligned operands: a constant mask, 16-byte vector loads and stores. bfloat16 takes
-        # the pair path (32-bit words); float16 one value per element, which LLVM vectorises itself: it computes the
-        # float16 arithmetic in float16x2 instructions (see _f), which the pair path's words would get in the way of.
-        PAIRS: tl.constexpr = STORAGE == 2
+        # A full chunk of 16-byte aligned operands: a constant mask, 16-byte vector loads and stores, the pair path
+        # (32-bit words of two values, packed arithmetic in F). float16 took one value per element until the packed
+        # arithmetic (LLVM computed most of its F arithmetic in float16x2 instructions by itself, see _f): on the pair
+        # path its plus mode takes 87 instructions per element instead of 96, its light mode 72 as before.
+        PAIRS: tl.constexpr = True
         if NATIVE:
             # The divisors in registers (x + -0 is exactly x): MUFU.RCP, which each division starts with, cannot read
             # a kernel argument, and left to itself the compiler reloads it (LDC) for every division.

@@ -176,9 +176,11 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, mask_tokens, classes,
 @triton.jit
 def _logit_gradient(logits, derivative, lse, grad_lse, grad_target, grad_sum, grad_square, is_target, valid):
     """G = (grad_lse softmax + grad_sum + 2 grad_square z' + grad_target [j = t]) dz'/dz on a tile, 0 where not
-    valid. The per-token arguments come broadcast to the tile's orientation (tokens on rows or on columns)."""
+    valid. The per-token arguments come broadcast to the tile's orientation (tokens on rows or on columns). The z'
+    term is left out where grad_square is 0: a masked class (z' = -inf, a -inf bias) gets 0, not 0 * inf = NaN."""
     softmax = tl.exp(tl.where(valid, logits - lse, float("-inf")))
-    gradient = grad_lse * softmax + grad_sum + 2.0 * grad_square * logits + tl.where(is_target, grad_target, 0.0)
+    square_term = tl.where(grad_square != 0.0, 2.0 * grad_square * logits, 0.0)
+    gradient = grad_lse * softmax + grad_sum + square_term + tl.where(is_target, grad_target, 0.0)
     return tl.where(valid, gradient * derivative, 0.0)
 
 
@@ -299,8 +301,9 @@ def _gradient_bound(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, softca
         largest_logit = torch.full_like(grad_lse, float(softcap))
     else:
         largest_logit = torch.linalg.vector_norm(h.float(), dim=1) * torch.linalg.vector_norm(w.float(), dim=1).amax()
-        if bias.numel():
-            largest_logit = largest_logit + bias.float().abs().amax()
+        if bias.numel():  # (masked classes, -inf, have G = grad_sum: their bias does not bound anything)
+            finite_bias = bias.float().abs()
+            largest_logit = largest_logit + torch.where(torch.isfinite(finite_bias), finite_bias, 0).amax()
     bound = (grad_lse.abs() + grad_sum.abs() + grad_target.abs() + 2 * grad_square_sum.abs() * largest_logit).amax()
     bound = torch.exp2(torch.ceil(torch.log2(bound)))
     return torch.where(torch.isfinite(bound) & (bound > 0), bound, torch.ones_like(bound)).reshape(1)

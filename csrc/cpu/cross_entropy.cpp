@@ -153,6 +153,7 @@ struct BackwardTile : Tile {
       const vfloat m = splat(lse[r]);
       const vfloat g_lse = splat(grad_lse[r]);
       const vfloat g_sum = splat(grad_sum[r]);
+      const bool square_term = grad_square_sum[r] != 0.0f;  // (panel_math::linear_ce_logit_gradient)
       const vfloat g_square = splat(2.0f * grad_square_sum[r]);
       const vfloat g_target = splat(grad_target[r]);
       // The target's column inside this tile, or -1 (no lane matches): a lane compare instead of a branch.
@@ -162,7 +163,8 @@ struct BackwardTile : Tile {
         const int64_t n = std::min<int64_t>(kWidth, C - c);
         const vfloat z = cap<kCapped>(load_partial(row + c, n) + load(bias + c), softcap, inverse_softcap);
         const vint is_target = (lane_index() + static_cast<int32_t>(c)) == target;
-        vfloat g = panel_math::linear_ce_logit_gradient(z, exp(z - m), g_lse, g_sum, g_square, is_target, g_target);
+        vfloat g = panel_math::linear_ce_logit_gradient(z, exp(z - m), g_lse, g_sum, square_term, g_square, is_target,
+                                                             g_target);
         if (kCapped) g *= panel_math::softcap_derivative(z, inverse_softcap);
         store_partial(row + c, g, n);
         if (column_sums != nullptr) {

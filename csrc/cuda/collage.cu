@@ -1,6 +1,6 @@
 // CUDA kernel of Collage AdamW's fused multi-tensor step (leanops::collage_adamw_step_; the math and the oracle are in
 // python/leanops/reference/collage.py, the per-element step in leanops/collage.h, and its two-elements-at-a-time form
-// with packed conversions in leanops/collage_cuda.cuh).
+// with packed conversions and packed 16-bit arithmetic in F in leanops/collage_cuda.cuh).
 //
 // One launch serves every tensor of the lists. The host cuts each tensor into chunks of kChunk elements and writes
 // a table, one 64-byte entry per non-empty tensor (its six operand pointers, its size, the global index of its first
@@ -12,13 +12,21 @@
 // ones (a register prefetch: a thread has a load in flight while it computes), with streaming cache hints (every
 // byte is read once and written once per step).
 //
-// Per element the step moves 18 bytes (light: reads 10, writes 8) or 22 (plus: 12 and 10) against 40 to 70 float32
-// operations and 13 to 32 roundings to F, three IEEE divisions and a square root among them. SASS instructions per
-// element of the vector loop (sm_90, without the division / square-root slow-path stubs; tests/collage/
-// test_collage_sass.py counts them): bfloat16 light 108 -> 85, plus 167 -> 124; float16 light 100 -> 89, plus
-// 157 -> 138. What the savings are: leanops/collage_cuda.cuh (conversions), and below: 16-byte global loads (LDG, not
-// the generic LD the table's pointers gave), 32-bit offsets within a chunk, the divisors held in registers, and a
-// loop unrolled by two instead of copying the prefetched registers.
+// Per element the step moves 18 bytes (light: reads 10, writes 8) or 22 (plus: 12 and 10) against 40 to 70
+// operations, 10 (light) or 27 (plus) of them operations in F of two F values, three IEEE divisions and a square root
+// among them. SASS instructions per element of the vector loop (sm_90; tests/collage/test_collage_sass.py counts
+// them), hot (without the division / square-root slow-path stubs) / static, without -> with telemetry:
+//
+//                    before issue 14   packed conversions   packed arithmetic in F (now)
+//   bfloat16 light   108.2             85.3 / 104.4         68.8 / 87.4  ->  82.8 / 101.8
+//   bfloat16 plus    167.0             124.4 / 144.2        81.4 / 100.6 ->  95.4 / 113.9
+//   float16 light    100.2             89.2 / 108.6         68.8 / 87.6  ->  83.1 / 102.1
+//   float16 plus     157.2             138.3 / 158.1        81.4 / 100.9 ->  95.4 / 114.0
+//
+// What the savings are: leanops/collage_cuda.cuh (conversions, and the F operations as add.rn / sub.rn / mul.rn on
+// bf16x2 or f16x2 words: one instruction for two elements, the same bits), and below: 16-byte global loads (LDG, not
+// the generic LD the table's pointers gave), 32-bit offsets within a chunk (in the element loop as well), the
+// divisors held in registers, and a loop unrolled by two instead of copying the prefetched registers.
 //
 // Telemetry is deterministic: each chunk's sums (fixed per-thread order, then a fixed shuffle tree) go to a per-chunk
 // slot, independent of the grid size and the device, and a one-block kernel adds the slots in a fixed order into
@@ -288,19 +296,29 @@ __global__ void __launch_bounds__(kThreads)
       }
       scalar_begin = vector_end;
     }
-    for (int64_t i = scalar_begin + threadIdx.x; i < end; i += kThreads) {
-      uint16_t theta_i = theta[i];
-      uint16_t theta_lo_i = theta_lo[i];
-      uint16_t m_i = m[i];
-      uint16_t v_i = v[i];
-      uint16_t v_lo_i = Plus ? v_lo[i] : uint16_t{0};
-      step_element<Storage, Plus, Metrics>(theta_i, theta_lo_i, m_i, v_i, v_lo_i, g[i], s, stored_dot_delta,
+    // The element loop (the elements after a tensor's last whole vector; every element of unaligned operands), with
+    // 32-bit offsets from the chunk's first element as the vector loop: 64-bit indices held two more registers
+    // across the division slow-path calls, and ptxas spilled one of them in the float16 light kernel.
+    const uint32_t elements = static_cast<uint32_t>(end - begin);
+    uint16_t* const theta_c = theta + begin;
+    uint16_t* const theta_lo_c = theta_lo + begin;
+    uint16_t* const m_c = m + begin;
+    uint16_t* const v_c = v + begin;
+    uint16_t* const v_lo_c = Plus ? v_lo + begin : v_lo;
+    const uint16_t* const g_c = g + begin;
+    for (uint32_t i = static_cast<uint32_t>(scalar_begin - begin) + threadIdx.x; i < elements; i += kThreads) {
+      uint16_t theta_i = theta_c[i];
+      uint16_t theta_lo_i = theta_lo_c[i];
+      uint16_t m_i = m_c[i];
+      uint16_t v_i = v_c[i];
+      uint16_t v_lo_i = Plus ? v_lo_c[i] : uint16_t{0};
+      step_element<Storage, Plus, Metrics>(theta_i, theta_lo_i, m_i, v_i, v_lo_i, g_c[i], s, stored_dot_delta,
                                            delta_square, lost);
-      theta[i] = theta_i;
-      theta_lo[i] = theta_lo_i;
-      m[i] = m_i;
-      v[i] = v_i;
-      if (Plus) v_lo[i] = v_lo_i;
+      theta_c[i] = theta_i;
+      theta_lo_c[i] = theta_lo_i;
+      m_c[i] = m_i;
+      v_c[i] = v_i;
+      if (Plus) v_lo_c[i] = v_lo_i;
     }
     if (Metrics) {
       double sums[kMetricSlots] = {stored_dot_delta, delta_square, static_cast<double>(lost)};

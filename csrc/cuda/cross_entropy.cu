@@ -67,7 +67,7 @@ struct TokenGradients {
 __device__ __forceinline__ float logit_gradient(const TokenGradients& t, int64_t n, int64_t cls, float capped,
                                                 float softcap) {
   float g = panel_math::linear_ce_logit_gradient(capped, expf(capped - t.lse[n]), t.grad_lse[n], t.grad_sum[n],
-                                                 2.0f * t.grad_square_sum[n], t.targets[n] == cls,
+                                                 t.grad_square_sum[n] != 0.0f, 2.0f * t.grad_square_sum[n], t.targets[n] == cls,
                                                  t.grad_target[n]);
   if (softcap > 0.0f) g = g * panel_math::softcap_derivative(capped, 1.0f / softcap);
   return g;

@@ -84,14 +84,15 @@ def _scalar_parameter(op: str, name: str, value, like: Tensor, allow_vector: boo
         raise ValueError(f"{op}: argument '{name}' must be {shapes} (B = {batch}), got shape {tuple(value.shape)}")
     if value.device != like.device:
         raise ValueError(f"{op}: argument '{name}' is on {value.device} but 'image_features' is on {like.device}")
-    if _validation.values_checkable(value):
-        bad = ~torch.isfinite(value)
-        if positive:
-            bad |= value <= 0
-        if bool(bad.any()):
-            raise ValueError(f"{op}: argument '{name}' must be {requirement}, got {value.detach().cpu()}")
+    bad = ~torch.isfinite(value)
+    if positive:
+        bad |= value <= 0
+    if _validation.values_checkable(value) and bool(bad.any()):
+        raise ValueError(f"{op}: argument '{name}' must be {requirement}, got {value.detach().cpu()}")
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return value.to(dtype)
+    # Inside a compiled graph the check above cannot raise: a bad value becomes NaN, so the loss and every gradient
+    # are NaN rather than a plausible number (the same graph, no sync).
+    return torch.where(bad, math.nan, value.to(dtype))
 
 
 def reduce(per_anchor: Tensor, reduction: str) -> Tensor:

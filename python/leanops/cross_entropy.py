@@ -31,6 +31,8 @@ Tensor = torch.Tensor
 
 FLOAT_DTYPES = REFERENCE_DTYPES
 REDUCTIONS = ("mean", "sum", "none")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_number(op: str, name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
@@ -82,10 +84,13 @@ def _check_arguments(op: str, hidden, weight, targets, bias, ignore_index, label
         raise ValueError(f"{op}: argument 'targets' is on {targets.device} but 'hidden' is on {hidden.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: argument 'ignore_index' must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"{op}: argument 'ignore_index' must fit in int64 (the targets' dtype), got {ignore_index}")
     _check_number(op, "label_smoothing", label_smoothing, 0.0, 1.0)
     _check_number(op, "z_loss", z_loss, 0.0, math.inf, high_open=True)
     if softcap is not None:
-        if _check_number(op, "softcap", softcap, 0.0, math.inf, high_open=True) <= 0:
+        # At most float32's largest value: the kernels hold c (and 1 / c) in float32.
+        if _check_number(op, "softcap", softcap, 0.0, FLOAT32_MAX) <= 0:
             raise ValueError(f"{op}: argument 'softcap' must be positive (or None), got {softcap!r}")
     if not isinstance(squentropy, bool):
         raise TypeError(f"{op}: argument 'squentropy' must be a bool, got {type(squentropy).__name__}")
@@ -111,21 +116,24 @@ def reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
 
 def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
                           ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
-                          squentropy: bool, reduction: str, group=None) -> Tensor:
+                          squentropy: bool, reduction: str, group=None, vocabulary: int | None = None) -> Tensor:
     """The loss from the four per-token statistics of `provider`'s chunked primitives (module docstring); with a
     `group`, of the vocabulary-parallel classifier whose slices the group's ranks hold
-    (leanops.distributed_cross_entropy)."""
+    (leanops.distributed_cross_entropy), `vocabulary` being its total number of classes."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
+    vocabulary = weight.shape[0] if vocabulary is None else vocabulary
     valid = flat_targets != ignore_index
-    kernel_targets = torch.where(valid, flat_targets, -1)  # -1: no target logit, for the kernels
+    # Targets outside [0, V) are refused before this in eager mode (_check_arguments); inside a compiled graph that
+    # check cannot run, so such tokens get a NaN loss (and NaN gradients) instead of a plausible number.
+    out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocabulary))
+    kernel_targets = torch.where(valid & ~out_of_range, flat_targets, -1)  # -1: no target logit, for the kernels
     kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
     if group is None:
-        vocabulary = weight.shape[0]
         lse, target_logit, logit_sum, logit_square_sum = provider.operators.linear_ce_forward(
             flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
     else:
-        vocabulary, (lse, target_logit, logit_sum, logit_square_sum) = distributed_cross_entropy.statistics(
+        _, (lse, target_logit, logit_sum, logit_square_sum) = distributed_cross_entropy.statistics(
             provider.operators, flat_hidden, weight, kernel_bias, kernel_targets, softcap or 0.0, group)
     # (1 - a)(lse - z_t) + a (lse - mean z), written as nll + a (z_t - mean z): the terms that cancel (lse and z_t,
     # equal for V = 1 or a confident token) meet in one subtraction, which is exact when they are equal.
@@ -133,9 +141,10 @@ def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, ta
     if label_smoothing:
         loss = loss + label_smoothing * (target_logit - logit_sum / vocabulary)
     if z_loss:
-        loss = loss + z_loss * lse.square()
+        loss = loss + lse * (z_loss * lse)  # (not z_loss * lse^2: lse^2 overflows float32 from |lse| ~ 1.8e19)
     if squentropy and vocabulary > 1:
         loss = loss + (logit_square_sum - target_logit.square()) / (vocabulary - 1)
+    loss = loss * torch.where(out_of_range, math.nan, 1.0)  # (a factor, not a where: NaN gradients only there)
     per_token = torch.where(valid, loss, 0.0)
     reduced = reduce_tokens(per_token, valid, reduction)
     return reduced.reshape(targets.shape) if reduction == "none" else reduced
@@ -171,7 +180,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
                      reduction, vocabulary)
     provider = CROSS_ENTROPY.resolve(op, backend, hidden.device, hidden.dtype)
     return _loss_from_primitives(provider, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
-                                 softcap, squentropy, reduction, group)
+                                 softcap, squentropy, reduction, group, vocabulary)
 
 
 def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,

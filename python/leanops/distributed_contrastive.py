@@ -33,6 +33,8 @@ the sum over ranks of what each rank does with its values, unscaled). As with op
 import torch
 import torch.distributed as dist
 
+from .ops.registry import refuse_second_derivative
+
 Tensor = torch.Tensor
 
 MODES = ("gather", "ring")
@@ -212,6 +214,7 @@ class _DistributedClip(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_second_derivative("clip_loss(distributed=...)")
         image, text, scale_vector, labels, row_lse, col_lse, positive_rows, positive_cols, counts = ctx.saved_tensors
         ops, mode, group, reduction, per_anchor, scale_shape = ctx.settings
         ring = _Ring(group)
@@ -307,6 +310,7 @@ class _DistributedSigLip(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        refuse_second_derivative("siglip_loss(distributed=...)")
         image, text, scale, bias, labels = ctx.saved_tensors
         ops, mode, group, reduction = ctx.settings
         ring, dtype, batch, diagonal = _DistributedSigLip._setup(image, scale, group)

@@ -19,6 +19,8 @@ bias's gradients are each rank's slices of the single-device ones.
 import torch
 import torch.distributed as dist
 
+from .ops.registry import refuse_second_derivative
+
 Tensor = torch.Tensor
 
 
@@ -33,6 +35,7 @@ class _SameOnEveryRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_second_derivative("linear_cross_entropy(group=...)")  # the all-reduce below is not differentiable
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None

@@ -4,12 +4,14 @@
 (storage, mode, telemetry, alignment): what its PTX and ptxas report (fused multiply-adds, correctly rounded divisions
 and square roots against approximate or flush-to-zero ones, 16-byte vector loads and stores, registers and spills)
 and, for aligned variants, its SASS instructions per element on the full-chunk path (hopper_ptxas.per_element:
-"static" and "hot", which leaves out the inline stubs of the IEEE division / square root slow paths).
+"static" and "hot", which leaves out the inline stubs of the IEEE division / square root slow paths; and
+packed_arithmetic: the packed 16-bit instructions that compute the arithmetic in F, none of them a contracted
+multiply-add).
 
 ``python hopper_collage_report.py cuda``: the CUDA kernel (csrc/cuda/collage.cu) compiled by nvcc for sm_90 with
 setup.py's flags, each instantiation of collage_step_kernel: SASS instructions per element of its vector loop, the
-loop's 16-byte loads and stores, registers and spills (ptxas -v); or {"unavailable": reason} without nvcc or torch's
-C++ headers.
+loop's 16-byte loads and stores and packed 16-bit arithmetic, registers and spills (ptxas -v); or {"unavailable":
+reason} without nvcc or torch's C++ headers.
 
 Run as a script, in a process where TRITON_INTERPRET is unset (under the interpreter kernels cannot be compiled);
 tests/collage/test_collage_triton_compile.py and tests/collage/test_collage_sass.py run it and check the reports.
@@ -48,6 +50,31 @@ PTX_PATTERNS = {
     "vector_loads_8": r"ld\.global[.\w]*\.v2\.b32",
     "vector_stores_8": r"st\.global[.\w]*\.v2\.b32",
 }
+
+
+PACKED = re.compile(r"^(?:@!?U?P\w+\s+)?(HADD2|HMUL2|HFMA2)((?:\.[A-Z0-9_]+)*)\s+(.*)$")
+
+
+def packed_arithmetic(instructions: list, region: tuple) -> dict:
+    """The packed 16-bit arithmetic of `region` (HADD2 / HMUL2 / HFMA2 on two bfloat16 or float16 lanes, widenings
+    HADD2.F32 and immediate moves HFMA2 -RZ, RZ, ... aside): "packed", how many; "packed_fma", how many of them are a
+    multiply-add that is not an exact rewrite of one operation (ptxas writes an add or a sub as HFMA2 a, 1, 1, b and
+    a mul as HFMA2 a, b, -RZ; a contracted a * b + c would be rounded once, not as the F operations the kernels
+    compute: the double-rounding equivalence does not cover it)."""
+    first, last = region
+    counts = {"packed": 0, "packed_fma": 0}
+    for address, instruction in instructions:
+        match = PACKED.match(instruction)
+        if not first <= address <= last or match is None:
+            continue
+        name, modifiers, operands = match.groups()
+        operands = [operand.strip() for operand in operands.replace(".reuse", "").split(",")]
+        if ".F32" in modifiers or operands[1:3] == ["-RZ", "RZ"]:
+            continue  # a widening to float32, or an immediate moved into a register
+        counts["packed"] += 1
+        if name == "HFMA2" and operands[2:4] != ["1", "1"] and operands[-1] != "-RZ":
+            counts["packed_fma"] += 1
+    return counts
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, aligned_pointers: tuple[int, ...],
@@ -91,7 +118,9 @@ def compile_case(storage: int, plus: bool, metrics: bool, aligned: bool) -> dict
     report["elements_per_thread_paths"] = (2 if aligned else 1) * elements_per_thread
     if aligned:
         (instructions,) = sass_functions(compiled.asm["cubin"]).values()
-        report["sass"] = per_element(instructions, vector_path(instructions), elements_per_thread)
+        path = vector_path(instructions)
+        report["sass"] = {**per_element(instructions, path, elements_per_thread),
+                          **packed_arithmetic(instructions, path)}
     return report
 
 
@@ -185,8 +214,8 @@ def cuda_report() -> dict:
         if stores == 0 or stores % STORED_OPERANDS[plus]:
             raise RuntimeError(f"{variant}: {stores} 16-byte stores in the vector loop, not whole vectors")
         elements = 8 * stores // STORED_OPERANDS[plus]  # eight 16-bit values per 16-byte store of each operand
-        report[variant] = {"sass": per_element(instructions, loop, elements), "elements_per_iteration": elements,
-                           **resources.get(name, {})}
+        sass = {**per_element(instructions, loop, elements), **packed_arithmetic(instructions, loop)}
+        report[variant] = {"sass": sass, "elements_per_iteration": elements, **resources.get(name, {})}
     return report
 
 

@@ -78,3 +78,33 @@ def test_shift_labels_and_bad_arguments():
     assert torch.equal(by_labels, by_shift)
     with pytest.raises(ValueError, match=r"exactly one of the arguments 'labels' and 'shift_labels'"):
         causal_lm_loss(model, input_ids)
+
+
+def test_errors_name_labels_not_targets():
+    model = _llama()
+    input_ids, attention_mask, labels = _batch("cpu")
+    bad = labels.clone()
+    bad[0, 5] = VOCABULARY + 3
+    with pytest.raises(ValueError, match=r"argument 'labels' holds token ids outside \[0, 97\)"):
+        causal_lm_loss(model, input_ids, bad, attention_mask=attention_mask)
+    with pytest.raises(TypeError, match=r"argument 'labels' must be an int64 tensor"):
+        causal_lm_loss(model, input_ids, labels.float(), attention_mask=attention_mask)
+    with pytest.raises(ValueError, match=r"argument 'shift_labels' must have shape \(3, 11\)"):
+        causal_lm_loss(model, input_ids, shift_labels=labels[:, :5], attention_mask=attention_mask)
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"argument 'model' \(Linear\) is not a Hugging Face \*ForCausalLM"):
+        causal_lm_loss(torch.nn.Linear(3, 4), torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2,
+                                                                                                dtype=torch.int64))
+
+
+def test_every_label_ignored_gives_the_models_nan():
+    """The model's own mean over no labels is 0 / 0 = NaN; so is this (not a silent 0)."""
+    torch.manual_seed(0)
+    model = _llama()
+    input_ids, attention_mask, labels = _batch("cpu")
+    ignored = torch.full_like(labels, -100)
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=ignored).loss
+    actual = causal_lm_loss(model, input_ids, ignored, attention_mask=attention_mask)
+    assert torch.isnan(expected) and torch.isnan(actual)

@@ -1,25 +1,44 @@
 // Collage AdamW's per-element step for the CUDA kernel (csrc/cuda/collage.cu), two neighbouring elements at a time:
 // the same operations as leanops/collage.h's step, in the same order, on each of the two lanes, with cheaper
-// conversions between the 16-bit storage formats and float32. Bit for bit collage::step: tests/collage/
-// test_collage_sass.py compiles this header for the host, where the conversions fall back to collage.h's own, and
-// compares step_pair with collage::step on every input class; on the device the conversions are the same
-// round-to-nearest-even conversions collage.h's device F::round takes (__float2bfloat16_rn / __float2half_rn),
-// two at a time or into a word, and NaN comes out as the same canonical NaN.
+// conversions between the 16-bit storage formats and float32, and the arithmetic in F of the MCF algorithms on
+// 32-bit words of two F values. Bit for bit collage::step: tests/collage/test_collage_sass.py compiles this header
+// for the host, where every packed helper falls back to collage.h's own operation (the float32 operation, then
+// F::round), and compares step_pair with collage::step on every input class; on the device the conversions are the
+// same round-to-nearest-even conversions collage.h's device F::round takes (__float2bfloat16_rn / __float2half_rn),
+// two at a time or into a word, and NaN comes out as a NaN (payloads are not part of the contract).
 //
-// Why (SASS for sm_90, ptxas of CUDA 13): collage.h's device F::round is a conversion then a widening (F2F.BF16.F32
-// + SHL: two instructions per rounding, 13 (light) to 32 (plus) roundings per element), and packing eight 16-bit
-// results into a 16-byte store took a PRMT and a shift per value. Here:
-//   - bfloat16: F(x) = the word of cvt.rn.bf16x2.f32 d, x, 0 (x rounded into the high half, +0 in the low half),
-//     read as a float32: ONE instruction (F2FP) per rounding, and no more conversions than before on Hopper's
-//     conversion unit, whose throughput is low; a stored word is one PRMT of two F values;
+// Arithmetic in F (collage.h / eft.h: an operation of two F values in float32, then rounded to F) is, on the device,
+// one packed 16-bit instruction for both lanes: add.rn / sub.rn / mul.rn on bf16x2 (sm_90) or f16x2, which rounds
+// the exact result once to F. The same bits: an add, sub or mul of two F values computed in float32 (p' = 24 bits)
+// then rounded to F (p = 8 for bfloat16, 11 for float16) is correctly rounded whenever p' >= 2p + 2 (Figueroa, "When
+// is double rounding innocuous?", 1995; products of two F values are even exact in float32), overflow to infinity,
+// subnormals (neither instruction flushes them without .ftz) and signed zeros included;
+// tests/collage/test_collage_packed_rounding.py checks the equivalence on every class of operands with exact
+// arithmetic. Each chain of such operations keeps its two lanes in one 32-bit word: two_sum, fast_two_sum, grow, and
+// scale's cross terms, which is every F operation of the step. What is not an F operation of two F values stays
+// float32, as collage.h has it: scale's two_prod_exact (the exact float32 product and round(exact - p)), the moments
+// (F(beta1 * m + (1 - beta1) * g), F(beta2 * v + square_update): float32 expressions rounded once), the divisions, the
+// square root and delta. No expression becomes a packed fma (the double rounding of an fma is not covered): ptxas
+// only turns an add or sub into HFMA2 a, 1, b and a mul into HFMA2 a, b, -0, exact rewrites.
+//
+// Why (SASS for sm_90, ptxas of CUDA 13):
+//   - one packed instruction does the operation and the rounding of two elements, where a float32 operation and a
+//     rounding took two instructions per element (four per pair): the plus step has 27 F operations per element;
+//   - bfloat16: F(x) of a float32 = the word of cvt.rn.bf16x2.f32 d, x, 0 (x rounded into the high half, +0 in the
+//     low half), read as a float32: ONE instruction (F2FP) per rounding; the word of two roundings is one
+//     cvt.rn.bf16x2.f32 of both (round_word); a stored word of two F values is one PRMT;
 //   - float16: the two lanes rounded by one cvt.rn.f16x2.f32 (the word the kernel stores) and widened by HADD2.F32
-//     (which reads either half in place): one and a half instructions per rounding;
+//     (which reads either half in place);
 //   - a loaded word's two values widen with one instruction each (a shift or a mask; HADD2.F32 for float16).
-// The kernel's vector loop went from 108 (bfloat16 light) / 167 (bfloat16 plus) SASS instructions per element to 85
-// / 124 (collage.cu's header has every variant). Below about 122 for plus, the arithmetic itself would have to change:
-// each F operation is a float32 operation and a rounding (32 of them in plus), and the divisions and the square root
-// take about 40 instructions; computing the F operations in 16-bit instructions (HADD2.BF16 and the like, exact by the
-// same double-rounding argument as eft.h's) would, but it is not what collage.h does.
+// SASS instructions per element of the kernel's vector loop, hot (without the division / square-root slow-path
+// stubs), without telemetry (collage.cu's header has every variant):
+//                      float32 ops + F::round   packed conversions (before)   packed arithmetic (now)
+//     bfloat16 light   108.2                    85.3                          68.8
+//     bfloat16 plus    167.0                    124.4                         81.4
+//     float16 light    100.2                    89.2                          68.8
+//     float16 plus     157.2                    138.3                         81.4
+// The rest is mostly the three divisions and the square root (about 40 instructions per element, nothing shared
+// between the lanes) and the float32 expressions of the moments and of delta.
 #pragma once
 
 #include <cstdint>
@@ -121,6 +140,50 @@ struct BFloat16Words {
     stored = word(value);
     return value;
   }
+
+  // The word of F(x.lo), F(x.hi): one cvt.rn.bf16x2.f32 for both lanes (its first operand goes to the high half).
+  LEANOPS_HOST_DEVICE static uint32_t round_word(Lanes x) {
+#if defined(__CUDA_ARCH__)
+    uint32_t stored;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(stored) : "f"(x.hi), "f"(x.lo));
+    return stored;
+#else
+    return word(round(x));
+#endif
+  }
+
+  // Arithmetic in F on words of two F values, each lane rounded once to bfloat16: add.rn / sub.rn / mul.rn.bf16x2
+  // (sm_90; subnormals kept), the same bits as the float32 operation then the rounding (the host's fallback, and
+  // collage.h's arithmetic): the header comment, and tests/collage/test_collage_packed_rounding.py.
+  LEANOPS_HOST_DEVICE static uint32_t add(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(add_rn(widen(a), widen(b)));
+#endif
+  }
+
+  LEANOPS_HOST_DEVICE static uint32_t sub(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(sub_rn(widen(a), widen(b)));
+#endif
+  }
+
+  LEANOPS_HOST_DEVICE static uint32_t mul(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(mul_rn(widen(a), widen(b)));
+#endif
+  }
 };
 
 struct Float16Words {
@@ -159,66 +222,92 @@ struct Float16Words {
     rounded(x, stored);  // exact: x holds float16 values
     return stored;
   }
+
+  // The word of F(x.lo), F(x.hi): one cvt.rn.f16x2.f32.
+  LEANOPS_HOST_DEVICE static uint32_t round_word(Lanes x) {
+    uint32_t stored;
+    rounded(x, stored);
+    return stored;
+  }
+
+  // Arithmetic in F on words of two F values, each lane rounded once to float16: add.rn / sub.rn / mul.rn.f16x2
+  // (no .ftz: subnormals kept), the same bits as the float32 operation then the rounding (the host's fallback).
+  LEANOPS_HOST_DEVICE static uint32_t add(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(add_rn(widen(a), widen(b)));
+#endif
+  }
+
+  LEANOPS_HOST_DEVICE static uint32_t sub(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(sub_rn(widen(a), widen(b)));
+#endif
+  }
+
+  LEANOPS_HOST_DEVICE static uint32_t mul(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+    uint32_t d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+#else
+    return round_word(mul_rn(widen(a), widen(b)));
+#endif
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// Arithmetic in F on both lanes, and the error-free transformations of leanops/eft.h (the same operations in the
-// same order).
-
-template <typename W>
-LEANOPS_HOST_DEVICE Lanes add(Lanes a, Lanes b) { return W::round(add_rn(a, b)); }
-template <typename W>
-LEANOPS_HOST_DEVICE Lanes sub(Lanes a, Lanes b) { return W::round(sub_rn(a, b)); }
-template <typename W>
-LEANOPS_HOST_DEVICE Lanes mul(Lanes a, Lanes b) { return W::round(mul_rn(a, b)); }
+// The error-free transformations of leanops/eft.h (the same operations in the same order) on words of two F values:
+// every operation of these chains is an operation in F of two F values, one packed instruction for both lanes.
 
 struct Pair {
-  Lanes hi;
-  Lanes lo;
+  uint32_t hi;
+  uint32_t lo;
 };
 
 // eft::two_sum.
 template <typename W>
-LEANOPS_HOST_DEVICE Pair two_sum(Lanes a, Lanes b) {
-  const Lanes s = add<W>(a, b);
-  const Lanes b_virtual = sub<W>(s, a);
-  const Lanes a_virtual = sub<W>(s, b_virtual);
-  const Lanes b_error = sub<W>(b, b_virtual);
-  const Lanes a_error = sub<W>(a, a_virtual);
-  return {s, add<W>(a_error, b_error)};
+LEANOPS_HOST_DEVICE Pair two_sum(uint32_t a, uint32_t b) {
+  const uint32_t s = W::add(a, b);
+  const uint32_t b_virtual = W::sub(s, a);
+  const uint32_t a_virtual = W::sub(s, b_virtual);
+  const uint32_t b_error = W::sub(b, b_virtual);
+  const uint32_t a_error = W::sub(a, a_virtual);
+  return {s, W::add(a_error, b_error)};
 }
 
 // eft::fast_two_sum.
 template <typename W>
-LEANOPS_HOST_DEVICE Pair fast_two_sum(Lanes a, Lanes b) {
-  const Lanes s = add<W>(a, b);
-  const Lanes b_virtual = sub<W>(s, a);
-  return {s, sub<W>(b, b_virtual)};
+LEANOPS_HOST_DEVICE Pair fast_two_sum(uint32_t a, uint32_t b) {
+  const uint32_t s = W::add(a, b);
+  const uint32_t b_virtual = W::sub(s, a);
+  return {s, W::sub(b, b_virtual)};
 }
 
-// eft::fast_two_sum whose results the kernel stores: also their words.
+// eft::grow.
 template <typename W>
-LEANOPS_HOST_DEVICE Pair fast_two_sum_stored(Lanes a, Lanes b, uint32_t& hi_word, uint32_t& lo_word) {
-  const Lanes s = W::rounded(add_rn(a, b), hi_word);
-  const Lanes b_virtual = sub<W>(s, a);
-  return {s, W::rounded(sub_rn(b, b_virtual), lo_word)};
-}
-
-// eft::grow, storing the result.
-template <typename W>
-LEANOPS_HOST_DEVICE Pair grow_stored(Lanes hi, Lanes lo, Lanes v, uint32_t& hi_word, uint32_t& lo_word) {
+LEANOPS_HOST_DEVICE Pair grow(uint32_t hi, uint32_t lo, uint32_t v) {
   const Pair sum = two_sum<W>(hi, v);
-  return fast_two_sum_stored<W>(sum.hi, add<W>(sum.lo, lo), hi_word, lo_word);
+  return fast_two_sum<W>(sum.hi, W::add(sum.lo, lo));
 }
 
-// collage::scale (with collage::two_prod_exact).
+// collage::scale (with collage::two_prod_exact, whose product and error stay float32: the exact product of two F
+// values, and exact - p, each rounded once to F). b_hi, b_lo: the words of (b_hi, b_hi) and (b_lo, b_lo).
 template <typename W>
-LEANOPS_HOST_DEVICE Pair scale(Lanes hi, Lanes lo, float b_hi, float b_lo) {
-  const Lanes exact = mul_rn(hi, Lanes{b_hi, b_hi});
-  const Lanes p = W::round(exact);
-  const Lanes e = W::round(sub_rn(exact, p));
-  const Lanes cross = add<W>(mul<W>(hi, Lanes{b_lo, b_lo}), mul<W>(lo, Lanes{b_hi, b_hi}));
-  return fast_two_sum<W>(p, add<W>(e, cross));
+LEANOPS_HOST_DEVICE Pair scale(uint32_t hi, uint32_t lo, float b_hi, uint32_t b_hi_word, uint32_t b_lo_word) {
+  const Lanes hi_value = W::widen(hi);
+  const Lanes exact = mul_rn(hi_value, Lanes{b_hi, b_hi});
+  const uint32_t p = W::round_word(exact);
+  const uint32_t e = W::round_word(sub_rn(exact, W::widen(p)));
+  const uint32_t cross = W::add(W::mul(hi, b_lo_word), W::mul(lo, b_hi_word));
+  return fast_two_sum<W>(p, W::add(e, cross));
 }
 
 // The words of one step's state, read and written in place: theta, theta_lo, m, v, v_lo (unused unless Plus) hold
@@ -246,10 +335,14 @@ LEANOPS_HOST_DEVICE Outcomes step_pair(Words& words, uint32_t g_word, const Scal
   const Lanes square_update = mul_rn(s.one_minus_beta2, mul_rn(g, g));
   Lanes second;
   if (Plus) {
-    // (v, v_lo) = scale((v, v_lo), (b_hi, b_lo)); (v, v_lo) = grow((v, v_lo), F(square_update))
-    const Pair scaled = scale<W>(W::widen(words.v), W::widen(words.v_lo), s.beta2_hi, s.beta2_lo);
-    const Pair grown = grow_stored<W>(scaled.hi, scaled.lo, W::round(square_update), words.v, words.v_lo);
-    second = add_rn(grown.hi, grown.lo);
+    // (v, v_lo) = scale((v, v_lo), (b_hi, b_lo)); (v, v_lo) = grow((v, v_lo), F(square_update)). The words of the
+    // scalars are the same for every pair (the compiler hoists them out of the loop).
+    const Pair scaled = scale<W>(words.v, words.v_lo, s.beta2_hi, W::word(Lanes{s.beta2_hi, s.beta2_hi}),
+                                 W::word(Lanes{s.beta2_lo, s.beta2_lo}));
+    const Pair grown = grow<W>(scaled.hi, scaled.lo, W::round_word(square_update));
+    words.v = grown.hi;
+    words.v_lo = grown.lo;
+    second = add_rn(W::widen(grown.hi), W::widen(grown.lo));
   } else {
     // v = F(beta2 * v + square_update)
     second = W::rounded(add_rn(mul_rn(s.beta2, W::widen(words.v)), square_update), words.v);
@@ -260,14 +353,14 @@ LEANOPS_HOST_DEVICE Outcomes step_pair(Words& words, uint32_t g_word, const Scal
   const Lanes quotient = div_rn(first, denominator);
   // before = theta + theta_lo; delta = -lr * (first / denominator + weight_decay * before). The parameter pair is
   // widened after the divisions: their slow paths are calls, across which the compiler keeps few values alive.
-  const Lanes theta = W::widen(words.theta);
-  const Lanes theta_lo = W::widen(words.theta_lo);
-  const Lanes before = add_rn(theta, theta_lo);
+  const Lanes before = add_rn(W::widen(words.theta), W::widen(words.theta_lo));
   const Lanes delta = mul_rn(s.neg_lr, add_rn(quotient, mul_rn(s.weight_decay, before)));
   // (theta, theta_lo) = grow((theta, theta_lo), F(delta))
-  const Pair updated = grow_stored<W>(theta, theta_lo, W::round(delta), words.theta, words.theta_lo);
+  const Pair updated = grow<W>(words.theta, words.theta_lo, W::round_word(delta));
+  words.theta = updated.hi;
+  words.theta_lo = updated.lo;
   // stored = (theta' + theta_lo') - before
-  return {sub_rn(add_rn(updated.hi, updated.lo), before), delta};
+  return {sub_rn(add_rn(W::widen(updated.hi), W::widen(updated.lo)), before), delta};
 }
 
 }  // namespace pairs

@@ -105,12 +105,14 @@ LEANOPS_HOST_DEVICE F siglip_logit_gradient(const Mask& same_group, const F& row
 
 // Linear cross-entropy, before the softcap's derivative: (grad_lse p + grad_sum) + 2 grad_square_sum z', plus
 // grad_target where the entry is the token's target (p = exp(z' - lse)); the reference's order of operations.
+// square_term = (grad_square_sum != 0), per token: the z' term is left out where the loss does not use the sum of
+// squares, so that a masked class (z' = -inf: a -inf bias) gets the gradient 0 rather than 0 * inf = NaN.
 template <typename F, typename Mask>
 LEANOPS_HOST_DEVICE F linear_ce_logit_gradient(const F& capped_logit, const F& probability, const F& grad_lse,
-                                               const F& grad_sum, const F& twice_grad_square_sum,
+                                               const F& grad_sum, bool square_term, const F& twice_grad_square_sum,
                                                const Mask& is_target, const F& grad_target) {
   F gradient = grad_lse * probability + grad_sum;
-  gradient = gradient + twice_grad_square_sum * capped_logit;
+  if (square_term) gradient = gradient + twice_grad_square_sum * capped_logit;
   return gradient + (is_target ? grad_target : F{});
 }
 

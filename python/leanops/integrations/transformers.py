@@ -53,6 +53,14 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: Tensor | None = None, labe
     op = "leanops.integrations.transformers.causal_lm_loss"
     if (labels is None) == (shift_labels is None):
         raise ValueError(f"{op}: pass exactly one of the arguments 'labels' and 'shift_labels'")
+    name = "labels" if labels is not None else "shift_labels"
+    given = labels if labels is not None else shift_labels
+    if not isinstance(given, Tensor) or given.dtype != torch.int64:
+        raise TypeError(f"{op}: argument '{name}' must be an int64 tensor of token ids, got "
+                        f"{given.dtype if isinstance(given, Tensor) else type(given).__name__}")
+    if not isinstance(model, torch.nn.Module) or not callable(getattr(model, "get_output_embeddings", None)):
+        raise TypeError(f"{op}: argument 'model' ({type(model).__name__}) is not a Hugging Face *ForCausalLM: "
+                        f"expected a torch.nn.Module with get_output_embeddings() and config")
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"{op}: argument 'model' has an output head of type {type(head).__name__}; expected "
@@ -66,11 +74,21 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: Tensor | None = None, labe
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
+    if shift_labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{op}: argument '{name}' must have shape {tuple(hidden.shape[:-1])} (the positions of the "
+                         f"hidden states), got {tuple(given.shape)}")
+    vocabulary = head.weight.shape[0]
+    bad = (shift_labels != ignore_index) & ((shift_labels < 0) | (shift_labels >= vocabulary))
+    if not torch.compiler.is_compiling() and bool(bad.any()):
+        raise ValueError(f"{op}: argument '{name}' holds token ids outside [0, {vocabulary}) that are not "
+                         f"ignore_index={ignore_index}: {shift_labels[bad][:5].tolist()}")
+    # The sum, divided by the number of labels (the model's mean: NaN, as the model's own loss, when every label is
+    # ignore_index) or by num_items_in_batch.
     loss = linear_cross_entropy(hidden, head.weight, shift_labels, bias=head.bias, ignore_index=ignore_index,
-                                softcap=getattr(config, "final_logit_softcapping", None),
-                                reduction="mean" if num_items_in_batch is None else "sum", backend=backend)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+                                softcap=getattr(config, "final_logit_softcapping", None), reduction="sum",
+                                backend=backend)
+    if num_items_in_batch is None:
+        num_items_in_batch = (shift_labels != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch

@@ -21,7 +21,7 @@ before adding them, where they nearly cancel for confidently matched rows.
 """
 import torch
 
-from .contrastive import CONTRASTIVE
+from .contrastive import CONTRASTIVE, similarity
 from .registry import Autograd, composite_operator, statistics_dtype
 
 Tensor = torch.Tensor
@@ -126,7 +126,26 @@ def _subtract_positive_gradients(grad_image, grad_text, grad_scale, image, text,
         grad_scale[rows] -= grad[rows] * half_over_size[rows] * dots
 
 
-def _backward(ctx, grad_per_anchor, _grad_row_lse, _grad_col_lse):
+def _formula(ctx):
+    """(per_anchor, row_lse, col_lse) from the saved inputs, dense and differentiable (second derivatives)."""
+    image, text, scale, labels, _, _ = ctx.saved_tensors
+    logits_similarity = similarity(image, text)
+    s = scale.to(logits_similarity.dtype)
+    row_lse = torch.logsumexp(s[:, None] * logits_similarity, dim=1)
+    col_lse = torch.logsumexp(s[None, :] * logits_similarity, dim=0)
+    if labels is None:
+        image_to_text = text_to_image = logits_similarity.diagonal()
+    else:
+        positives = (labels[:, None] == labels[None, :]).to(logits_similarity.dtype)  # symmetric
+        sizes = positives.sum(dim=1)
+        image_to_text = (positives * logits_similarity).sum(dim=1) / sizes
+        text_to_image = (positives * logits_similarity).sum(dim=0) / sizes
+    per_anchor = 0.5 * ((row_lse - s * image_to_text) + (col_lse - s * text_to_image))
+    return (per_anchor, row_lse, col_lse), (image, text, scale, labels, None)
+
+
+def _backward(_operators, ctx, grad_per_anchor, _grad_row_lse, _grad_col_lse):
+    """(``_operators``: None for a composite operator; ctx.backend names the provider.)"""
     image, text, scale, labels, row_lse, col_lse = ctx.saved_tensors
     grad = grad_per_anchor.contiguous()
     half = 0.5 * grad
@@ -139,4 +158,4 @@ def _backward(ctx, grad_per_anchor, _grad_row_lse, _grad_col_lse):
 clip_per_anchor = composite_operator(
     "clip_per_anchor(Tensor image, Tensor text, Tensor scale, Tensor? labels, str backend) -> "
     "(Tensor per_anchor, Tensor row_lse, Tensor col_lse)",
-    _clip_per_anchor, _fake, Autograd(_setup_context, _backward))
+    _clip_per_anchor, _fake, Autograd(_setup_context, _backward, _formula))

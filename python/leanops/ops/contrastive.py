@@ -63,17 +63,43 @@ def _siglip_backward(operators, ctx, grad_row_loss):
             grad_bias.to(bias.dtype), None)
 
 
+def similarity(image: Tensor, text: Tensor) -> Tensor:
+    """S = x y^T (B, B) in the statistics dtype, differentiable: the dense formulas' start (second derivatives)."""
+    dtype = statistics_dtype(image)
+    return image.to(dtype) @ text.to(dtype).T
+
+
+def _clip_formula(ctx):
+    """(row_lse, col_lse) from the saved inputs, dense and differentiable."""
+    image, text, scale, _, _ = ctx.saved_tensors
+    logits_similarity = similarity(image, text)
+    s = scale.to(logits_similarity.dtype)
+    return ((torch.logsumexp(s[:, None] * logits_similarity, dim=1),
+             torch.logsumexp(s[None, :] * logits_similarity, dim=0)), (image, text, scale))
+
+
+def _siglip_formula(ctx):
+    """row_loss from the saved inputs, dense and differentiable."""
+    image, text, scale, bias, groups = ctx.saved_tensors
+    logits_similarity = similarity(image, text)
+    dtype = logits_similarity.dtype
+    signs = torch.where(groups[:, None] == groups[None, :], 1.0, -1.0).to(dtype)
+    logits = scale.to(dtype) * logits_similarity + bias.to(dtype)
+    return (torch.nn.functional.softplus(-signs * logits).sum(dim=1),), (image, text, scale, bias, groups)
+
+
 CONTRASTIVE = OpFamily(
     name="contrastive",
     description="blockwise CLIP and SigLIP losses (leanops.clip_loss, leanops.siglip_loss)",
     operators=(
         Operator("clip_forward(Tensor image, Tensor text, Tensor scale) -> (Tensor row_lse, Tensor col_lse)",
-                 _fake_clip_forward, Autograd(_clip_setup, _clip_backward)),
+                 _fake_clip_forward, Autograd(_clip_setup, _clip_backward, _clip_formula)),
         Operator("clip_backward(Tensor image, Tensor text, Tensor scale, Tensor row_lse, Tensor col_lse, "
                  "Tensor row_weight, Tensor col_weight) -> (Tensor grad_image, Tensor grad_text, Tensor grad_scale)",
                  _fake_clip_backward),
         Operator("siglip_forward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor groups) -> "
-                 "Tensor row_loss", _fake_siglip_forward, Autograd(_siglip_setup, _siglip_backward)),
+                 "Tensor row_loss", _fake_siglip_forward,
+                 Autograd(_siglip_setup, _siglip_backward, _siglip_formula)),
         Operator("siglip_backward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor groups, "
                  "Tensor row_weight) -> (Tensor grad_image, Tensor grad_text, Tensor grad_scale, Tensor grad_bias)",
                  _fake_siglip_backward),

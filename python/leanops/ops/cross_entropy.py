@@ -35,13 +35,28 @@ def _backward(operators, ctx, *grad_statistics):
     return grad_hidden, grad_weight, grad_bias, None, None
 
 
+def _formula(ctx):
+    """The four statistics from the saved inputs, dense and differentiable (for second derivatives)."""
+    hidden, weight, bias, targets, _ = ctx.saved_tensors
+    dtype = statistics_dtype(hidden)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias.numel():
+        logits = logits + bias.to(dtype)
+    if ctx.softcap > 0:
+        logits = ctx.softcap * torch.tanh(logits / ctx.softcap)
+    picked = logits.gather(1, targets.clamp_min(0)[:, None])[:, 0]
+    statistics = (torch.logsumexp(logits, dim=1), torch.where(targets >= 0, picked, 0), logits.sum(dim=1),
+                  logits.square().sum(dim=1))
+    return statistics, (hidden, weight, bias, targets, None)
+
+
 CROSS_ENTROPY = OpFamily(
     name="cross_entropy",
     description="chunked linear cross-entropy (leanops.linear_cross_entropy)",
     operators=(
         Operator("linear_ce_forward(Tensor hidden, Tensor weight, Tensor bias, Tensor targets, float softcap) -> "
                  "(Tensor lse, Tensor target_logit, Tensor logit_sum, Tensor logit_square_sum)",
-                 _fake_forward, Autograd(_setup, _backward)),
+                 _fake_forward, Autograd(_setup, _backward, _formula)),
         Operator("linear_ce_backward(Tensor hidden, Tensor weight, Tensor bias, Tensor targets, float softcap, "
                  "Tensor lse, Tensor grad_lse, Tensor grad_target, Tensor grad_sum, Tensor grad_square_sum) -> "
                  "(Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)", _fake_backward),

@@ -44,9 +44,49 @@ class Autograd:
 
     ``setup_context(ctx, inputs, output)`` saves what the backward needs; ``backward(operators, ctx, *grads)``
     returns one gradient per input, ``operators`` being the serving provider's (so the backward runs on the same
-    provider as the forward)."""
+    provider as the forward).
+
+    ``formula(ctx)``: the primitive's outputs recomputed from the saved inputs in plain, differentiable PyTorch
+    (dense: O(B^2) / O(N V) memory), returned with the inputs they depend on, as (outputs, inputs). A backward
+    asked for a differentiable result (``create_graph=True``: grad mode is on inside the backward) differentiates
+    it with torch autograd instead of calling the kernels, whose gradients have no gradient of their own: second
+    derivatives are then right on every provider, at the dense formula's memory. Without a formula such a backward
+    raises (``SecondDerivativeError``) rather than return gradients that silently lack their own graph."""
     setup_context: Callable
     backward: Callable
+    formula: Callable | None = None
+
+
+class SecondDerivativeError(RuntimeError):
+    """A second derivative was asked of an operator that cannot give one."""
+
+
+def refuse_second_derivative(name: str) -> None:
+    """In a backward that cannot give a differentiable result: raise when one is asked for (grad mode is on inside
+    a backward exactly when the caller passed create_graph=True)."""
+    if torch.is_grad_enabled():
+        raise SecondDerivativeError(
+            f"leanops: {name} has no second derivative (backward(create_graph=True) / torch.autograd.grad("
+            f"create_graph=True) through it); compute the first-order gradients without create_graph")
+
+
+def differentiable_backward(name: str, autograd: Autograd, ctx, grads) -> tuple:
+    """The gradients of `autograd.formula`'s outputs, differentiable (the ``create_graph=True`` backward): one per
+    input of the primitive (None where it has none or needs none)."""
+    if autograd.formula is None:
+        refuse_second_derivative(name)
+    outputs, inputs = autograd.formula(ctx)
+    wanted = [index for index, tensor in enumerate(inputs)
+              if isinstance(tensor, torch.Tensor) and ctx.needs_input_grad[index] and tensor.requires_grad]
+    pairs = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None and output.requires_grad]
+    result = [None] * len(ctx.needs_input_grad)
+    if wanted and pairs:
+        gradients = torch.autograd.grad([output for output, _ in pairs], [inputs[index] for index in wanted],
+                                        [grad.to(output.dtype) for output, grad in pairs], create_graph=True,
+                                        allow_unused=True)
+        for index, gradient in zip(wanted, gradients):
+            result[index] = torch.zeros_like(inputs[index]) if gradient is None else gradient
+    return tuple(result)
 
 
 @dataclass(frozen=True)
@@ -214,7 +254,7 @@ class OpFamily:
                 if operator.fake is not None:
                     torch.library.register_fake(qualified)(operator.fake)
                 if operator.autograd is not None:
-                    torch.library.register_autograd(qualified, _bind_backward(operator.autograd, operators),
+                    torch.library.register_autograd(qualified, _bind_backward(qualified, operator.autograd, operators),
                                                     setup_context=operator.autograd.setup_context)
         return self
 
@@ -239,9 +279,11 @@ def _define_python_operator(provider: Provider, operator: Operator) -> None:
                             schema=operator.signature)
 
 
-def _bind_backward(autograd: Autograd, operators):
+def _bind_backward(name: str, autograd: Autograd, operators):
     def backward(ctx, *grads):
-        return autograd.backward(operators, ctx, *grads)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must carry their own graph
+            return differentiable_backward(name, autograd, ctx, grads)
+        return autograd.backward(operators, ctx, *grads)  # composite operators get None: they name their provider
 
     return backward
 
@@ -254,7 +296,8 @@ def composite_operator(schema: str, implementation: Callable, fake: Callable, au
     torch.library.custom_op(qualified, implementation, mutates_args=operator.mutated_arguments,
                             schema=operator.signature)
     torch.library.register_fake(qualified)(fake)
-    torch.library.register_autograd(qualified, autograd.backward, setup_context=autograd.setup_context)
+    torch.library.register_autograd(qualified, _bind_backward(qualified, autograd, None),
+                                    setup_context=autograd.setup_context)
     return getattr(getattr(torch.ops, COMPOSITE_NAMESPACE), operator.name)
 
 

@@ -59,9 +59,10 @@ def linear_ce_forward(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Ten
 def _logit_gradient(logits: Tensor, derivative: Tensor | None, lse: Tensor, targets: Tensor, grad_lse: Tensor,
                     grad_target: Tensor, grad_sum: Tensor, grad_square_sum: Tensor, columns: slice) -> Tensor:
     """G = dL/dz for a (rows x columns) chunk (module docstring of python/leanops/cross_entropy.py):
-    G = (grad_lse softmax + grad_sum + 2 grad_square_sum z' + grad_target [j = t]) * dz'/dz."""
-    gradient = (grad_lse[:, None] * torch.exp(logits - lse[:, None]) + grad_sum[:, None]
-                + 2 * grad_square_sum[:, None] * logits)
+    G = (grad_lse softmax + grad_sum + 2 grad_square_sum z' + grad_target [j = t]) * dz'/dz, the z' term left out
+    where grad_square_sum is 0 (a masked class, z' = -inf, then gets 0, not 0 * inf = NaN)."""
+    gradient = grad_lse[:, None] * torch.exp(logits - lse[:, None]) + grad_sum[:, None]
+    gradient = gradient + torch.where(grad_square_sum[:, None] != 0, 2 * grad_square_sum[:, None] * logits, 0)
     vocabulary_index = torch.arange(columns.start, columns.stop, device=logits.device)
     gradient = gradient + torch.where(targets[:, None] == vocabulary_index[None, :], grad_target[:, None], 0)
     return gradient if derivative is None else gradient * derivative
