@@ -40,7 +40,7 @@ def run(optimizer, parameters, steps, start=0, shapes=SHAPES):
         optimizer.step()
 
 
-@pytest.mark.parametrize("projection", ["blockwise", "columns"])
+@pytest.mark.parametrize("projection", ["blockwise", "columns", "rows"])
 @pytest.mark.parametrize("on_switch", ["reset", "project"])
 def test_density_one_is_adamw_bit_for_bit(projection, on_switch):
     ours, theirs = make_parameters(), make_parameters()
@@ -51,6 +51,26 @@ def test_density_one_is_adamw_bit_for_bit(projection, on_switch):
     run(adamw, theirs, 8)
     for mine, reference in zip(ours, theirs):
         assert torch.equal(mine, reference)
+
+
+@pytest.mark.parametrize("projection", ["random", "svd"])
+@pytest.mark.parametrize("on_switch", ["reset", "project"])
+def test_density_one_random_and_svd_are_adamw(projection, on_switch):
+    """At density 1 the projector is the identity (the whole space in the parameter's own coordinates: a rotated
+    basis would be AdamW in rotated coordinates, 5% and more apart after a few switches), kept across switches with
+    its moments: AdamW to float32 rounding (the update goes through I @ U, the remainder G - I I^T G is 0)."""
+    ours, theirs = make_parameters(), make_parameters()
+    options = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    frugal = FRUGAL(ours, density=1.0, update_gap=3, projection=projection, on_switch=on_switch, **options)
+    adamw = torch.optim.AdamW(theirs, foreach=False, **options)
+    run(frugal, ours, 9)
+    run(adamw, theirs, 9)
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-6)
+    for parameter in ours:
+        state = frugal.state[parameter]
+        assert state["step"] == 9
+        assert torch.equal(state["projector"], torch.eye(state["projector"].shape[0]))
 
 
 def test_unsplit_group_is_adamw_bit_for_bit():
@@ -444,6 +464,31 @@ def test_kernel_checkpoint_resume_is_bit_exact_across_a_switch(backend, device, 
     options = dict(lr=1e-2, density=0.5, update_gap=SWITCH_GAP, projection=projection, precision="collage",
                    seed=9, backend=backend)
     assert_resume_is_bit_exact(options, torch.bfloat16, steps=4, resume_at=2, shapes=KERNEL_SHAPES, device=device)
+
+
+@pytest.mark.parametrize("backend, device", [pytest.param("reference", "cpu", id="reference-cpu")] + KERNELS)
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_channels_last_parameters(backend, device, projection):
+    """A conv weight stepped channels-last keeps its layout and gets the bits of the same values stepped contiguous
+    (the matrix view is the logical one; the kernels step a contiguous copy), in float32 and compensated bfloat16."""
+    generator = torch.Generator().manual_seed(21)
+    shape = (4, 3, 2, 3)
+    for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "collage")):
+        start = torch.randn(shape, generator=generator).to(dtype)
+        grads = [torch.randn(shape, generator=generator).to(dtype) for _ in range(SWITCH_STEPS)]
+        results = []
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            parameter = torch.nn.Parameter(start.clone().to(device=device, memory_format=memory_format))
+            others = make_parameters(shapes=((5, 3),), dtype=dtype, device=device)  # blockwise needs company
+            optimizer = FRUGAL([parameter] + others, lr=1e-2, density=0.5, update_gap=SWITCH_GAP,
+                               projection=projection, precision=precision, seed=2, backend=backend)
+            for grad in grads:
+                parameter.grad = grad.to(device)
+                others[0].grad = torch.ones_like(others[0])
+                optimizer.step()
+            assert parameter.is_contiguous(memory_format=memory_format)
+            results.append(_value(parameter, optimizer).cpu())
+        assert torch.equal(results[0], results[1]), precision
 
 
 def test_auto_picks_the_cpu_kernel_and_float64_the_reference():

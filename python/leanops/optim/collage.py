@@ -19,6 +19,15 @@ intended update> / |intended update|^2 (1: nothing lost) and the fraction of ele
 move although their update was not zero, computed inside the kernels.
 
 float32 parameters are refused (ValueError): they need no compensation, and ``torch.optim.AdamW`` serves them.
+Parameters may be in any dense, non-overlapping memory format (contiguous, channels-last conv weights, any order of
+the dimensions): the state is made with the parameter's strides and the kernels step each tensor as one flat run
+of memory (the gradient is put in the parameter's layout), so the bits are those of the same values stepped
+contiguous. A step checks everything first (gradients, layouts, state, backend): a refused step changes nothing.
+
+``load_state_dict`` checks the whole state dict before it changes anything: another optimizer's (torch.optim.AdamW's,
+FRUGAL's), groups that do not match or carry invalid options, unexpected or missing keys, tensors of another shape
+(a DTensor: global shape, and its local piece) or dtype, and step counts that are not ints >= 0 are refused
+(ValueError, TypeError) with the parameter (group and index in it) and the key named.
 
 Under torch.distributed: with DistributedDataParallel every rank steps the same all-reduced gradients
 deterministically, so the ranks stay identical. With FSDP2 (``torch.distributed.fsdp.fully_shard``: DTensor parameters
@@ -36,24 +45,27 @@ import torch
 from ..ops import COLLAGE
 from ..ops.collage import STORAGE_DTYPES
 from ..reference import mcf as reference_mcf
-from . import _distributed
+from . import _distributed, _state_checks
 from ._distributed import local
 
 Tensor = torch.Tensor
 
 MODES = ("light", "plus")
+# The tensors of a parameter's state, each of the parameter's dtype, shape and strides.
+STATE_TENSORS = ("param_lo", "exp_avg", "exp_avg_sq", "exp_avg_sq_lo")
 
 
-def _check_hyperparameters(lr, betas, eps, weight_decay, mode) -> None:
-    op = "leanops.optim.CollageAdamW"
+def _check_hyperparameters(lr, betas, eps, weight_decay, mode, where: str = "",
+                           op: str = "leanops.optim.CollageAdamW") -> None:
+    """ValueError unless the options are valid; `where` names the parameter group in the message."""
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{op}: argument '{name}' must be a finite number >= 0, got {value!r}")
+            raise ValueError(f"{op}: argument '{name}'{where} must be a finite number >= 0, got {value!r}")
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
-        raise ValueError(f"{op}: argument 'betas' must be two numbers in [0, 1), got {betas!r}")
-    if mode not in MODES:
-        raise ValueError(f"{op}: argument 'mode' must be one of {MODES}, got {mode!r}")
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{op}: argument 'betas'{where} must be two numbers in [0, 1), got {betas!r}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{op}: argument 'mode'{where} must be one of {MODES}, got {mode!r}")
 
 
 class CollageAdamW(torch.optim.Optimizer):
@@ -76,7 +88,8 @@ class CollageAdamW(torch.optim.Optimizer):
         _check_hyperparameters(lr, betas, eps, weight_decay, mode)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, mode=mode))
         for group_index, group in enumerate(self.param_groups):
-            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["mode"])
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["mode"],
+                                   where=f" (parameter group {group_index})")
             for parameter_index, parameter in enumerate(group["params"]):
                 if parameter.dtype not in STORAGE_DTYPES:
                     raise ValueError(
@@ -92,14 +105,17 @@ class CollageAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _zeros_like(parameter: Tensor) -> Tensor:
-        """Contiguous zeros laid out like `parameter`: a DTensor of the same placements for a DTensor."""
-        zeros = torch.zeros_like(local(parameter), memory_format=torch.contiguous_format)
+        """Zeros laid out like `parameter` (its strides: channels-last stays channels-last, so the elementwise
+        kernels step both as one flat run of memory): a DTensor of the same placements for a DTensor."""
+        zeros = torch.zeros_like(local(parameter), memory_format=torch.preserve_format)
         if _distributed.is_dtensor(parameter):
             return _distributed.DTensor.from_local(zeros, parameter.device_mesh, parameter.placements,
                                                    run_check=False, shape=parameter.shape, stride=parameter.stride())
         return zeros
 
-    def _state_of(self, parameter: Tensor, plus: bool) -> dict:
+    def _state_of(self, parameter: Tensor, plus: bool, relayout: bool = True) -> dict:
+        """The parameter's state, made (zeros, the parameter's strides) where missing; `relayout`: give the state
+        the parameter's strides (the step passes False where _check_step_input found them equal)."""
         state = self.state[parameter]
         if not state:
             state["step"] = 0
@@ -108,7 +124,22 @@ class CollageAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = self._zeros_like(parameter)
         if plus and "exp_avg_sq_lo" not in state:
             state["exp_avg_sq_lo"] = self._zeros_like(parameter)
+        if relayout:
+            self._match_layout(parameter, state)
         return state
+
+    def _match_layout(self, parameter: Tensor, state: dict) -> None:
+        """Give every state tensor the parameter's strides (values unchanged): state made or loaded before the
+        parameter changed its memory format (``module.to(memory_format=torch.channels_last)``), or a contiguous
+        checkpoint's state for a channels-last parameter."""
+        sharded = _distributed.is_dtensor(parameter)
+        strides = (parameter.to_local() if sharded else parameter).stride()
+        for key in STATE_TENSORS:
+            value = state.get(key)
+            if value is not None and (value.to_local() if sharded else value).stride() != strides:
+                relaid = self._zeros_like(parameter)
+                local(relaid).copy_(local(value))
+                state[key] = relaid
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (compensation and moments) held by this rank, excluding the parameters."""
@@ -116,52 +147,151 @@ class CollageAdamW(torch.optim.Optimizer):
                    for value in state.values() if isinstance(value, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim.Optimizer's; for a DTensor parameter, a saved whole (plain) tensor of the parameter's
-        shape, e.g. from a single-device checkpoint, is cut to this rank's shard."""
+        """As torch.optim.Optimizer's, after checking the whole state dict (``check_state_dict``): another
+        optimizer's state dict, a missing or unexpected key, a tensor of the wrong shape or dtype, or a step count
+        that is not an int >= 0 is refused (ValueError, TypeError) with the parameter and the key named, and the
+        optimizer is left unchanged. For a DTensor parameter, a saved whole (plain) tensor of the parameter's shape,
+        e.g. from a single-device checkpoint, is cut to this rank's shard. State tensors take their parameter's
+        memory format (channels-last included)."""
+        self.check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         for parameter, state in self.state.items():
-            if not _distributed.is_dtensor(parameter):
+            if not isinstance(parameter, Tensor):
                 continue
-            layout = _distributed.Layout(parameter, "leanops.optim.CollageAdamW.load_state_dict")
-            for key, value in list(state.items()):
-                if isinstance(value, Tensor) and not _distributed.is_dtensor(value):
-                    if value.shape != parameter.shape:
-                        raise ValueError(f"leanops.optim.CollageAdamW.load_state_dict: state '{key}' has shape "
-                                         f"{tuple(value.shape)} but its parameter has {tuple(parameter.shape)}")
-                    piece = layout.narrow(value, 0) if layout.sharded else value
-                    zeros = self._zeros_like(parameter)
-                    local(zeros).copy_(piece)
-                    state[key] = zeros
+            if _distributed.is_dtensor(parameter):
+                layout = _distributed.Layout(parameter, "leanops.optim.CollageAdamW.load_state_dict")
+                for key, value in list(state.items()):
+                    if isinstance(value, Tensor) and not _distributed.is_dtensor(value):
+                        piece = layout.narrow(value, 0) if layout.sharded else value
+                        zeros = self._zeros_like(parameter)
+                        local(zeros).copy_(piece)
+                        state[key] = zeros
+            self._match_layout(parameter, state)
+
+    def check_state_dict(self, state_dict) -> None:
+        """Refuse (ValueError, TypeError) a state dict this optimizer cannot load, naming the parameter (group and
+        index in it) and the key; changes nothing. It must be a CollageAdamW state dict: as many groups, of as many
+        parameters, as this optimizer; every group with valid lr, betas, eps, weight_decay and mode; every
+        parameter's state either empty or {"step": int >= 0, "param_lo", "exp_avg", "exp_avg_sq"
+        (+ "exp_avg_sq_lo", optional: plus mode starts it at zero)}, each tensor of the parameter's dtype and shape
+        (a DTensor: its global shape, and its local piece the parameter's)."""
+        operation = "leanops.optim.CollageAdamW.load_state_dict"
+        saved_groups, saved_state, where = _state_checks.check_structure(operation, state_dict, self.param_groups)
+        _state_checks.check_kind(operation, saved_groups, self.param_groups,
+                                 ("lr", "betas", "eps", "weight_decay", "mode"),
+                                 own_keys=("mode",))
+        for group_index, saved in enumerate(saved_groups):
+            _check_hyperparameters(saved["lr"], saved["betas"], saved["eps"], saved["weight_decay"], saved["mode"],
+                                   where=f" (parameter group {group_index} of argument 'state_dict')", op=operation)
+        for saved_id, entry in saved_state.items():
+            group_index, position, parameter = where[saved_id]
+            name = _state_checks.parameter_name(group_index, position)
+            if not entry:
+                continue
+            _state_checks.check_keys(operation, name, entry, ("step",) + STATE_TENSORS,
+                                     required=("step", "param_lo", "exp_avg", "exp_avg_sq"))
+            _state_checks.check_step_count(operation, name, "step", entry["step"])
+            if _distributed.is_dtensor(parameter):
+                _distributed.Layout(parameter, operation)  # a layout it cannot cut to: refused before loading
+            for key in STATE_TENSORS:
+                if key in entry:
+                    _state_checks.check_tensor(operation, name, key, entry[key], parameter.dtype, [parameter.shape],
+                                               parameter, local_shape=local(parameter).shape)
 
     # -----------------------------------------------------------------------------------------------------------
     # The step.
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every parameter with a gradient. Everything is checked first (gradients, parameter layouts,
+        state shapes and dtypes, the backend), so a refused step changes nothing, step counts included."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        totals: dict[torch.device, Tensor] = {}
-        for group in self.param_groups:
+        plans = []
+        for group_index, group in enumerate(self.param_groups):
             plus = group["mode"] == "plus"
             buckets: dict[tuple, list[Tensor]] = {}
-            for parameter in group["params"]:
+            for position, parameter in enumerate(group["params"]):
                 if parameter.grad is None:
                     continue
-                if parameter.grad.is_sparse:
-                    raise ValueError("leanops.optim.CollageAdamW: sparse gradients are not supported")
-                state = self._state_of(parameter, plus)
-                state["step"] += 1
-                buckets.setdefault((parameter.device, parameter.dtype, state["step"]), []).append(parameter)
-            for (device, dtype, step), parameters in buckets.items():
+                relayout = self._check_step_input(group_index, position, parameter)
+                step = self.state[parameter]["step"] + 1 if self.state.get(parameter) else 1
+                buckets.setdefault((parameter.device, parameter.dtype, step), []).append((parameter, relayout))
+            for device, dtype, _ in buckets:
+                COLLAGE.resolve("leanops.optim.CollageAdamW", self.backend, device, dtype)
+            plans.append((group, plus, buckets))
+        totals: dict[torch.device, Tensor] = {}
+        for group, plus, buckets in plans:
+            for (device, dtype, step), entries in buckets.items():
                 metrics = None
                 if self.track_metrics:
                     metrics = totals.setdefault(device, torch.zeros(4, dtype=torch.float64, device=device))
-                self._apply(group, parameters, device, dtype, step, plus, metrics)
+                states = [self._state_of(parameter, plus, relayout) for parameter, relayout in entries]
+                self._apply(group, [parameter for parameter, _ in entries], device, dtype, step, plus, metrics)
+                for state in states:  # counted once the kernel has run
+                    state["step"] = step
         if self.track_metrics:
             self._record_metrics(totals, self._mesh_group())
         return loss
+
+    def _check_step_input(self, group_index: int, position: int, parameter: Tensor) -> bool:
+        """ValueError, naming the parameter, for what the step cannot take: a sparse gradient, or one of another
+        shape; a parameter (local shard) that is not dense and non-overlapping; state (set by hand) of the wrong
+        shape, dtype or device. Returns whether the state's strides differ from the parameter's (_match_layout).
+        (Written for speed: it runs for every parameter at every step.)"""
+        sharded = _distributed.is_dtensor(parameter)
+        tensor = parameter.to_local() if sharded else parameter
+        grad = parameter.grad
+        if grad.layout != torch.strided or (grad.to_local() if sharded else grad).shape != tensor.shape:
+            self._refuse_step_input(group_index, position, parameter, None)
+        if not tensor.is_contiguous() and memory_order(tensor) is None:
+            self._refuse_step_input(group_index, position, parameter, None)
+        state = self.state.get(parameter)
+        if not state:
+            return False
+        shape, dtype, device, strides = tensor.shape, tensor.dtype, tensor.device, tensor.stride()
+        relayout = False
+        step = state.get("step")
+        if type(step) is not int:
+            self._refuse_step_input(group_index, position, parameter, "step")
+        for key in STATE_TENSORS:
+            value = state.get(key)
+            if value is None:
+                if key != "exp_avg_sq_lo":
+                    self._refuse_step_input(group_index, position, parameter, key)
+                continue
+            piece = value.to_local() if sharded and _distributed.is_dtensor(value) else value
+            if (not isinstance(piece, Tensor) or piece.shape != shape or piece.dtype != dtype
+                    or piece.device != device):
+                self._refuse_step_input(group_index, position, parameter, key)
+            relayout = relayout or piece.stride() != strides
+        return relayout
+
+    def _refuse_step_input(self, group_index: int, position: int, parameter: Tensor, key: str | None):
+        """The ValueError of _check_step_input: what is wrong with the parameter (key None) or its state `key`."""
+        operation = "leanops.optim.CollageAdamW"
+        name = _state_checks.parameter_name(group_index, position)
+        tensor, grad = local(parameter), parameter.grad
+        if key is None:
+            if grad.is_sparse or grad.layout != torch.strided:
+                raise ValueError(f"{operation}: {name}: sparse gradients are not supported")
+            if local(grad).shape != tensor.shape:
+                raise ValueError(f"{operation}: {name}: the gradient has shape {tuple(local(grad).shape)}, the "
+                                 f"parameter {tuple(tensor.shape)}")
+            raise ValueError(f"{operation}: {name} (shape {tuple(parameter.shape)}, strides {tensor.stride()}) "
+                             f"overlaps itself or has gaps: the step takes dense parameters (contiguous, "
+                             f"channels-last, or any other order of the dimensions)")
+        value = self.state[parameter].get(key)
+        if key == "step":
+            raise ValueError(f"{operation}: {name}: state 'step' must be an int, got {value!r}")
+        if value is None:
+            raise ValueError(f"{operation}: {name}: state lacks {key!r}")
+        described = (f"a {type(value).__name__}" if not isinstance(value, Tensor) else
+                     f"{tuple(local(value).shape)} {value.dtype} on {value.device}")
+        raise ValueError(f"{operation}: {name}: state {key!r} is {described}, the parameter "
+                         f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
 
     def _mesh_group(self):
         """The process group of the first sharded DTensor parameter's mesh (the shards' metrics are summed over it),
@@ -178,25 +308,37 @@ class CollageAdamW(torch.optim.Optimizer):
         """One fused step of `parameters` (one device, dtype and step count) through the chosen backend."""
         provider = COLLAGE.resolve("leanops.optim.CollageAdamW", self.backend, device, dtype)
         states = [self.state[parameter] for parameter in parameters]
+        parameters_with_grads = parameters
         beta1, beta2 = group["betas"]
         # Bias corrections in float64 on the host (the kernels take them as float32).
         bias_correction1, bias_correction2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        # DTensors (FSDP2): the local shards, views of the parameters' and states' storage.
-        grads = [local(parameter.grad).contiguous() for parameter in parameters]
+        # DTensors (FSDP2): the local shards, views of the parameters' and states' storage. The step is elementwise:
+        # a contiguous parameter goes as it is; another dense one (channels-last) as a flat view in its memory order,
+        # its state likewise (the state shares the parameter's strides: _match_layout), its gradient put in that
+        # order, so it is stepped in place with the bits of the same values laid out contiguously.
         parameters = [local(parameter) for parameter in parameters]
-        if any(not parameter.is_contiguous() for parameter in parameters):
-            raise ValueError("leanops.optim.CollageAdamW: parameters must be contiguous tensors")
+        orders = [None if parameter.is_contiguous() else memory_order(parameter) for parameter in parameters]
+        grads = [local(parameter.grad) for parameter in parameters_with_grads]
+        grads = [grad.contiguous() if order is None else flat(grad, order, copy=True)
+                 for grad, order in zip(grads, orders)]
+        parameters = [parameter if order is None else flat(parameter, order)
+                      for parameter, order in zip(parameters, orders)]
         # An empty shard (FSDP2's last ranks when dim 0 is short) has nothing to update.
         kept = [index for index, parameter in enumerate(parameters) if parameter.numel()]
         if not kept:
             return
-        states = [states[index] for index in kept]
-        parameters, grads = [parameters[index] for index in kept], [grads[index] for index in kept]
+        if len(kept) < len(parameters):
+            states, orders = [states[index] for index in kept], [orders[index] for index in kept]
+            parameters, grads = [parameters[index] for index in kept], [grads[index] for index in kept]
+
+        def views(key: str) -> list[Tensor]:
+            return [local(state[key]) if order is None else flat(local(state[key]), order)
+                    for state, order in zip(states, orders)]
+
         provider.operators.collage_adamw_step_(
-            parameters, [local(s["param_lo"]) for s in states], [local(s["exp_avg"]) for s in states],
-            [local(s["exp_avg_sq"]) for s in states], [local(s["exp_avg_sq_lo"]) for s in states] if plus else [],
-            grads, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-            bias_correction1, bias_correction2, plus, metrics)
+            parameters, views("param_lo"), views("exp_avg"), views("exp_avg_sq"),
+            views("exp_avg_sq_lo") if plus else [], grads, float(group["lr"]), float(beta1), float(beta2),
+            float(group["eps"]), float(group["weight_decay"]), bias_correction1, bias_correction2, plus, metrics)
 
     def _record_metrics(self, totals: dict[torch.device, Tensor], mesh_group=None) -> None:
         summed = sum((total.cpu() for total in totals.values()), torch.zeros(4, dtype=torch.float64))
@@ -225,40 +367,82 @@ class CollageAdamW(torch.optim.Optimizer):
 
     def load_compensation_state(self, named_parameters: Iterable[tuple[str, Tensor]],
                                 compensation: Mapping[str, Tensor]) -> None:
-        """Install theta_lo for the named parameters (from split_state_dict), creating their state if needed."""
+        """Install theta_lo for the named parameters (from split_state_dict), creating their state if needed. Every
+        entry is checked first (a tensor of its parameter's shape and dtype): a refused call changes nothing."""
+        operation = "leanops.optim.CollageAdamW.load_compensation_state"
+        chosen = []
         for name, parameter in named_parameters:
             if name not in compensation:
                 continue
             low = compensation[name]
+            if not isinstance(low, Tensor):
+                raise TypeError(f"{operation}: '{name}' must be a tensor, got {type(low).__name__}")
             if low.shape != parameter.shape:
-                raise ValueError(f"leanops.optim.CollageAdamW.load_compensation_state: '{name}' has shape "
-                                 f"{tuple(low.shape)} but its parameter has {tuple(parameter.shape)}")
-            plus = next(group["mode"] == "plus" for group in self.param_groups
-                        if any(p is parameter for p in group["params"]))
+                raise ValueError(f"{operation}: '{name}' has shape {tuple(low.shape)} but its parameter has "
+                                 f"{tuple(parameter.shape)}")
+            if low.dtype != parameter.dtype:
+                raise ValueError(f"{operation}: '{name}' has dtype {low.dtype} but its parameter has "
+                                 f"{parameter.dtype} (split_state_dict's argument 'dtype' must be the model's)")
+            plus = next((group["mode"] == "plus" for group in self.param_groups
+                         if any(p is parameter for p in group["params"])), None)
+            if plus is None:
+                raise ValueError(f"{operation}: '{name}' is not a parameter of this optimizer")
+            chosen.append((parameter, low, plus))
+        for parameter, low, plus in chosen:
             target = self._state_of(parameter, plus)["param_lo"]
             if _distributed.is_dtensor(parameter) and not _distributed.is_dtensor(low):
                 # A whole theta_lo (split_state_dict of a full fp32 state dict): this rank's shard of it.
-                layout = _distributed.Layout(parameter, "leanops.optim.CollageAdamW.load_compensation_state")
-                local(target).copy_((layout.narrow(low, 0) if layout.sharded else low).to(parameter.dtype))
+                layout = _distributed.Layout(parameter, operation)
+                local(target).copy_(layout.narrow(low, 0) if layout.sharded else low)
             else:
-                target.copy_(low.to(parameter.dtype))
+                target.copy_(low)
+
+
+def memory_order(tensor: Tensor) -> list[int] | None:
+    """The dimensions of `tensor` from outermost to innermost in memory (``tensor.permute(order)`` is contiguous)
+    if it is dense and non-overlapping (contiguous, channels-last, any permutation); None otherwise."""
+    if tensor.is_contiguous():
+        return list(range(tensor.dim()))
+    order = sorted(range(tensor.dim()), key=lambda dim: (tensor.stride(dim), tensor.size(dim)), reverse=True)
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def flat(tensor: Tensor, order: list[int], copy: bool = False) -> Tensor:
+    """`tensor` as a 1-D view in the memory order `order` (memory_order of the parameter). A tensor of other
+    strides (a gradient) is first copied into that order (`copy`); for the state it would be a bug: ValueError."""
+    permuted = tensor.permute(order)
+    if not permuted.is_contiguous():
+        if not copy:
+            raise ValueError("leanops.optim.CollageAdamW: a state tensor's strides differ from its parameter's")
+        permuted = permuted.contiguous()
+    return permuted.view(-1)
 
 
 def split_state_dict(fp32_state: Mapping[str, Tensor], dtype: torch.dtype = torch.bfloat16) -> dict:
     """An fp32 model state dict as {"model": 16-bit state dict, "compensation": {name: low part}}: every float32
     tensor x becomes hi = F(x) (the model's) and lo = F(x - hi) (the optimizer's), so hi + lo keeps x's low bits
-    (leanops.mcf.split). Other entries pass through to "model" unchanged.
+    (leanops.mcf.split). Other entries pass through to "model" unchanged. A non-finite element (an attention mask's
+    -inf) stays itself in hi, with lo 0. A finite value beyond F's range (float16: |x| > 65504) would become inf:
+    ValueError naming the tensor, before anything is returned.
 
     model.load_state_dict(state["model"]);
     optimizer.load_compensation_state(model.named_parameters(), state["compensation"])
     """
+    operation = "leanops.optim.collage.split_state_dict"
     if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"leanops.optim.collage.split_state_dict: argument 'dtype' must be one of "
-                         f"{STORAGE_DTYPES}, got {dtype}")
+        raise ValueError(f"{operation}: argument 'dtype' must be one of {STORAGE_DTYPES}, got {dtype}")
     model, compensation = {}, {}
     for name, value in fp32_state.items():
         if isinstance(value, Tensor) and value.dtype == torch.float32:
-            model[name], compensation[name] = reference_mcf.split(value, dtype)
+            high, low = reference_mcf.split(value, dtype)
+            # Checked on this rank's piece of a DTensor (no collective).
+            overflow = torch.isfinite(local(value)) & ~torch.isfinite(local(high))
+            if bool(overflow.any()):
+                largest = local(value)[overflow].abs().max().item()
+                raise ValueError(f"{operation}: tensor '{name}' holds {int(overflow.sum())} finite values beyond "
+                                 f"{dtype}'s range (largest magnitude {largest:.6g}, {dtype} reaches "
+                                 f"{torch.finfo(dtype).max:.6g}): they would become inf")
+            model[name], compensation[name] = high, torch.where(torch.isfinite(value), low, torch.zeros_like(low))
         else:
             model[name] = value
     return {"model": model, "compensation": compensation}

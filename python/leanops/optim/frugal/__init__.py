@@ -34,12 +34,16 @@ Subspaces (``projection``), k = round(density * size) with Python's round:
   back(U) = U P^T. G_full = back(g_S).
 - ``"svd"``: as "random" with P the top-r left (m <= n) or right (m > n) singular vectors of the gradient at the
   switch step (GaLore), recomputed at every switch.
+- At density 1 every projection is AdamW: blockwise, columns and rows bit for bit (torch.optim.AdamW(foreach=False)'s
+  operations with backend="reference"); random and svd take P = I (r = s: the whole space in the parameter's own
+  coordinates; any other orthonormal P would be AdamW in rotated coordinates, whose per-coordinate v differs) and
+  equal AdamW to float32 rounding (the update goes through P U).
 
 The subspaces are redrawn every ``update_gap`` steps (optimizer steps 1, 1 + update_gap, ...), from a
 torch.Generator seeded with ``seed`` (never the global RNG); the draws happen in group order, parameter by parameter,
 whether or not a parameter has a gradient at that step (svd excepted: it needs one), so a run is reproducible.
-``on_switch`` says what happens to the moments when a subspace changes (an unchanged subspace, e.g. density=1 for
-blockwise or columns, keeps its moments whatever the option):
+``on_switch`` says what happens to the moments when a subspace changes (an unchanged subspace, e.g. any projection
+at density=1, keeps its moments whatever the option):
 
 - ``"reset"``: the moments are zeroed and the bias correction restarts (step count 0). For blockwise, the whole
   group is reset when its active set changes; tensors leaving it drop their state.
@@ -82,6 +86,15 @@ checkpoint or DCP's ``full_state_dict``, is cut to this rank's piece by ``load_s
 DCP's ``flatten_optimizer_state_dict`` option is not supported (it drops the "frugal" entries: load_state_dict
 then refuses the state dict).
 
+``load_state_dict`` checks the whole state dict before it changes anything (``state_checks``): another optimizer's
+state dict (torch.optim.AdamW's, CollageAdamW's), groups that do not match, invalid options or "frugal" entries,
+unexpected or missing keys, tensors of the wrong dtype or shape (a DTensor by its global shape, then every rank's
+piece by its local shape), indices that are negative, past the matrix, unsorted or repeated, projectors that are
+not (min(m, n), r), and a Collage compensation under precision "fp32" are refused (ValueError, TypeError) with the
+parameter (group and index in it) and the key named; the optimizer is then exactly as it was.
+
+Parameters in any memory format (channels-last conv weights) are stepped through their logical matrix view.
+
 The package:
 
 - ``optimizer``: the ``FRUGAL`` class (constructor, step, state_dict, load_state_dict, state_bytes);
@@ -91,6 +104,7 @@ The package:
 - ``reference_step``: the step in plain PyTorch (backend "reference": torch.optim.AdamW's operations);
 - ``fused_step``: the step through the fused split-step kernels (backends "cpu", "cuda", "triton");
 - ``checkpoint``: packing and unpacking the state dict;
+- ``state_checks``: what load_state_dict checks before it changes anything;
 - ``param_groups``: ``frugal_param_groups``, the usual choice of what is split.
 """
 from .optimizer import FRUGAL

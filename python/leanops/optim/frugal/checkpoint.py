@@ -189,15 +189,28 @@ def saved_generator_state(extra: dict) -> Tensor:
 
 def unpack_states(saved_states: dict, saved_groups: list[dict], param_groups: list[dict],
                   active_blocks: dict[int, Tensor]) -> dict:
-    """parameter -> its state on this rank, from a state dict's "state" (by the ids of `saved_groups`). The moments
-    that an inactive block's entry carries (zeros) are dropped; its compensation stays."""
-    where = {saved_id: (group_index, group, position, parameter)
+    """parameter -> its state on this rank, from a state dict's "state" (by the ids of `saved_groups`; the options
+    are the saved groups', the parameters `param_groups`'). The moments that an inactive block's entry carries
+    (zeros) are dropped; its compensation stays. Pure (it changes nothing): ValueError, naming the parameter and the
+    key, where a piece this rank would keep is not of its local shape."""
+    from .state_checks import LOAD, expected_local_shapes
+
+    where = {saved_id: (group_index, saved, position, parameter)
              for group_index, (saved, group) in enumerate(zip(saved_groups, param_groups))
              for position, (saved_id, parameter) in enumerate(zip(saved["params"], group["params"]))}
     states = {}
     for saved_id, saved_state in saved_states.items():
         group_index, group, position, parameter = where[saved_id]
-        state = unpack(group, _distributed.Layout(parameter, OPERATION), saved_state)
+        layout = _distributed.Layout(parameter, OPERATION)
+        try:
+            state = unpack(group, layout, saved_state)
+        except (IndexError, RuntimeError) as error:
+            raise ValueError(f"{LOAD}: parameter {position} of group {group_index}: its state does not cut to this "
+                             f"rank's pieces: {error}") from None
+        for key, shape in expected_local_shapes(group, layout, state).items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"{LOAD}: parameter {position} of group {group_index}: state {key!r} gives this rank "
+                                 f"a piece of shape {tuple(state[key].shape)}, expected {shape}")
         blocks = active_blocks.get(group_index)
         if is_blockwise(group) and (blocks is None or position not in set(blocks.tolist())):
             for key in ("step",) + MOMENTS:

@@ -3,7 +3,7 @@ modules (options, subspaces, reference_step, fused_step, checkpoint)."""
 import torch
 
 from .. import _distributed
-from . import checkpoint, fused_step, options, reference_step, subspaces
+from . import checkpoint, fused_step, options, reference_step, state_checks, subspaces
 
 Tensor = torch.Tensor
 
@@ -148,18 +148,32 @@ class FRUGAL(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved_groups = state_dict["param_groups"]
-        extra = checkpoint.first_extra(saved_groups)
-        # The base class would cast every state tensor to its parameter's dtype (int32 indices included): load the
-        # groups through it and install the state here, keeping each tensor's dtype.
+        """Load a FRUGAL state dict (``state_dict()``'s, possibly through torch.save / torch.distributed.checkpoint).
+        Everything is checked before anything changes (``check_state_dict``): a refused state dict raises
+        ValueError / TypeError naming the parameter and the key, and leaves the optimizer as it was."""
+        saved_groups, states, extra, active_blocks = self._checked(state_dict)
+        generator_state = checkpoint.saved_generator_state(extra)
+        # Checked: now load. The base class would cast every state tensor to its parameter's dtype (int32 indices
+        # included): load the groups through it and install the state here, keeping each tensor's dtype.
         super().load_state_dict({"state": {}, "param_groups": checkpoint.without_extras(saved_groups)})
-        for group_index, group in enumerate(self.param_groups):
-            options.check_group(group, options.in_group(group_index))
-        active_blocks = checkpoint.saved_active_blocks(saved_groups)
         self.state.clear()
         self._positions.clear()
-        self.state.update(checkpoint.unpack_states(state_dict["state"], saved_groups, self.param_groups,
-                                                   active_blocks))
+        self.state.update(states)
         self._steps_taken = int(extra["steps_taken"])
-        self._generator.set_state(checkpoint.saved_generator_state(extra))
+        self._generator.set_state(generator_state)
         self._active_blocks = active_blocks
+
+    def check_state_dict(self, state_dict) -> None:
+        """Refuse (ValueError, TypeError) a state dict this optimizer cannot load, naming the parameter (group and
+        index in it) and the key; changes nothing. Checked (state_checks): the kind (FRUGAL's groups and their
+        "frugal" entries), the groups' options, every parameter's keys, types, dtypes, shapes (a DTensor's global
+        one) and index ranges, then the pieces this rank would keep against their local shapes."""
+        self._checked(state_dict)
+
+    def _checked(self, state_dict) -> tuple[list, dict, dict, dict]:
+        """(saved groups, parameter -> unpacked state, the "frugal" entry, active blocks) of a checked state dict."""
+        saved_groups, saved_state, _ = state_checks.check_state_dict(state_dict, self.param_groups, self.precision)
+        extra = checkpoint.first_extra(saved_groups)
+        active_blocks = checkpoint.saved_active_blocks(saved_groups)
+        states = checkpoint.unpack_states(saved_state, saved_groups, self.param_groups, active_blocks)
+        return saved_groups, states, extra, active_blocks

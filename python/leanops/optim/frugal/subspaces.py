@@ -11,6 +11,8 @@ in group order, parameter by parameter; under torch.distributed every rank then 
   indices in that range (``localize``).
 - random: ``state["projector"]`` P (s x r), s = min(m, n), r = round(density * s): the Q of the QR of an s x r
   standard Gaussian. svd: the top-r left (m <= n) or right (m > n) singular vectors of the gradient (GaLore).
+  At r = s (the whole space) both take P = I, drawing nothing: the subspace is then the parameter's own
+  coordinates and the step is AdamW's (to float32 rounding: the update goes through P U).
 
 On a switch (on_switch): "reset" zeroes the moments and the step count; "project" keeps the moments of the
 coordinates (blocks) that stay, zeros for new ones, and for random/svd mixes them with C = P_new^T P_old (r x r):
@@ -141,7 +143,12 @@ def _draw_projector(state: dict, group: dict, parameter: Tensor, layout: _distri
     rows, columns = layout.rows, layout.columns
     side = min(rows, columns)
     rank = subspace_size(group["density"], side)
-    if group["projection"] == "random":
+    if rank == side:
+        # The whole space (density 1): the identity, so that AdamW's per-coordinate second moment stays on the
+        # parameter's own coordinates (any other orthonormal basis would be AdamW in rotated coordinates, not AdamW).
+        # Nothing is drawn: the generator and the gradient are not needed.
+        new = torch.eye(side, dtype=torch.float32, device=layout.tensor.device)
+    elif group["projection"] == "random":
         gaussian = torch.randn(side, rank, generator=generator, dtype=torch.float32)
         new = torch.linalg.qr(gaussian).Q if rank else gaussian
         new = new.to(layout.tensor.device).contiguous()
@@ -164,6 +171,8 @@ def _draw_projector(state: dict, group: dict, parameter: Tensor, layout: _distri
     new = from_rank_zero(new, layout.group)
     old = state.get("projector")
     state["projector"] = new
+    if old is not None and old.shape == new.shape and torch.equal(old, new) and "exp_avg" in state:
+        return  # an unchanged subspace (density 1: the identity) keeps its moments, whatever on_switch says
     if old is None or group["on_switch"] != "project":
         subspace_moments(state, layout, group["projection"], rank)
         return
