@@ -22,8 +22,10 @@ besides the gradients. Tokens whose target is ``ignore_index`` contribute nothin
 import math
 
 import torch
+import torch.nn.functional as F
 
-from . import _validation, distributed_cross_entropy
+from . import _validation, backends, distributed_cross_entropy, plans
+from .backends import AUTO
 from .ops import CROSS_ENTROPY
 from .ops.registry import REFERENCE_DTYPES, Provider
 
@@ -114,12 +116,40 @@ def reduce_tokens(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return per_token
 
 
-def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None,
-                          ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
-                          squentropy: bool, reduction: str, group=None, vocabulary: int | None = None) -> Tensor:
+def _dense_per_token_loss(hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, softcap: float,
+                          label_smoothing: float, z_loss: float, squentropy: bool) -> Tensor:
+    """The per-token losses from the dense N x V logits, through F.cross_entropy and torch autograd: ``auto``'s
+    choice on the CPU for small logits (leanops.plans.dense_logits_chosen), as fast as plain PyTorch there. targets:
+    -1 where no target (ignored or out of range); those tokens' rows are masked before squaring (an ignored token's
+    -inf logit must not turn its zero gradient into 0 * inf)."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias.numel():
+        logits = logits + bias.to(dtype)
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=-1, label_smoothing=label_smoothing, reduction="none")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=1)
+        loss = loss + lse * (z_loss * lse)
+    vocabulary = weight.shape[0]
+    if squentropy and vocabulary > 1:
+        has_target = targets >= 0
+        off_target = torch.ones_like(logits, dtype=torch.bool).scatter_(1, targets.clamp_min(0)[:, None],
+                                                                       ~has_target[:, None])
+        squares = torch.where(off_target & has_target[:, None], logits, 0).square().sum(dim=1)
+        loss = loss + squares / (vocabulary - 1)
+    return loss
+
+
+def _loss_from_primitives(provider: Provider | None, hidden: Tensor, weight: Tensor, targets: Tensor,
+                          bias: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                          softcap: float | None, squentropy: bool, reduction: str, group=None,
+                          vocabulary: int | None = None) -> Tensor:
     """The loss from the four per-token statistics of `provider`'s chunked primitives (module docstring); with a
     `group`, of the vocabulary-parallel classifier whose slices the group's ranks hold
-    (leanops.distributed_cross_entropy), `vocabulary` being its total number of classes."""
+    (leanops.distributed_cross_entropy), `vocabulary` being its total number of classes. `provider` None: from the
+    dense logits (_dense_per_token_loss)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     vocabulary = weight.shape[0] if vocabulary is None else vocabulary
@@ -129,6 +159,10 @@ def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, ta
     out_of_range = valid & ((flat_targets < 0) | (flat_targets >= vocabulary))
     kernel_targets = torch.where(valid & ~out_of_range, flat_targets, -1)  # -1: no target logit, for the kernels
     kernel_bias = bias if bias is not None else flat_hidden.new_empty(0)
+    if provider is None:
+        loss = _dense_per_token_loss(flat_hidden, weight, kernel_bias, kernel_targets, softcap or 0.0,
+                                     label_smoothing, z_loss, squentropy)
+        return _reduce_loss(loss, targets, valid, out_of_range, reduction)
     if group is None:
         lse, target_logit, logit_sum, logit_square_sum = provider.operators.linear_ce_forward(
             flat_hidden.contiguous(), weight.contiguous(), kernel_bias.contiguous(), kernel_targets, softcap or 0.0)
@@ -144,6 +178,11 @@ def _loss_from_primitives(provider: Provider, hidden: Tensor, weight: Tensor, ta
         loss = loss + lse * (z_loss * lse)  # (not z_loss * lse^2: lse^2 overflows float32 from |lse| ~ 1.8e19)
     if squentropy and vocabulary > 1:
         loss = loss + (logit_square_sum - target_logit.square()) / (vocabulary - 1)
+    return _reduce_loss(loss, targets, valid, out_of_range, reduction)
+
+
+def _reduce_loss(loss: Tensor, targets: Tensor, valid: Tensor, out_of_range: Tensor, reduction: str) -> Tensor:
+    """The per-token losses masked (0 at ignored tokens, NaN at out-of-range ones) and reduced."""
     loss = loss * torch.where(out_of_range, math.nan, 1.0)  # (a factor, not a where: NaN gradients only there)
     per_token = torch.where(valid, loss, 0.0)
     reduced = reduce_tokens(per_token, valid, reduction)
@@ -179,6 +218,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, bia
     _check_arguments(op, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, squentropy,
                      reduction, vocabulary)
     provider = CROSS_ENTROPY.resolve(op, backend, hidden.device, hidden.dtype)
+    if (group is None and backend == AUTO and backends.default_backend() == AUTO
+            and plans.dense_logits_chosen(hidden.device.type, targets.numel(), weight.shape[0])):
+        provider = None  # small logits on the CPU: dense, as fast as plain PyTorch (plans.DEFAULT_DENSE_LOGITS_MIB)
     return _loss_from_primitives(provider, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
                                  softcap, squentropy, reduction, group, vocabulary)
 
