@@ -19,8 +19,8 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "$torch_requirement" numpy pytest pytest-benchmark hypothesis ninja setuptools \
   wheel matplotlib
-# transformers: only for the Hugging Face integration's parity test (tiny random models, nothing downloaded).
-"$venv/bin/python" -m pip install --quiet transformers
+# transformers and accelerate: the Hugging Face integration's tests (tiny random models, nothing downloaded; Trainer needs accelerate).
+"$venv/bin/python" -m pip install --quiet transformers accelerate
 # --no-build-isolation: the extension compiles against the torch installed above, not a second download.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$venv/bin/leanops" info

@@ -1,6 +1,7 @@
-"""leanops.integrations.transformers: a Hugging Face causal LM's loss from its hidden states and lm_head weight,
-without logits, equals the model's own loss (value and every parameter's gradient) on tiny randomly initialised
-Llama and Gemma 2 configurations (nothing downloaded)."""
+"""leanops.integrations.transformers.causal_lm_loss: a Hugging Face causal LM's loss from its hidden states and
+lm_head weight, without logits, equals the model's own loss (value and every parameter's gradient) on tiny randomly
+initialised Llama, Gemma 2 and Mixtral configurations (nothing downloaded). apply(model), the patch of the model's
+own forward, is tested in test_transformers_patch.py."""
 import pytest
 import torch
 
@@ -26,6 +27,14 @@ def _gemma2():
                                        head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
                                        attn_implementation="eager")
     return transformers.Gemma2ForCausalLM(config)
+
+
+def _mixtral():
+    config = transformers.MixtralConfig(vocab_size=VOCABULARY, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+                                        output_router_logits=True, router_aux_loss_coef=0.1)
+    return transformers.MixtralForCausalLM(config)
 
 
 def _batch(device):
@@ -108,3 +117,24 @@ def test_every_label_ignored_gives_the_models_nan():
     expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=ignored).loss
     actual = causal_lm_loss(model, input_ids, ignored, attention_mask=attention_mask)
     assert torch.isnan(expected) and torch.isnan(actual)
+
+
+def test_mixtral_router_auxiliary_loss_is_in_the_loss():
+    """Mixtral adds router_aux_loss_coef * its load-balancing loss to .loss when output_router_logits: so does
+    causal_lm_loss (the model's own forward runs, only the logits are left out)."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    input_ids, attention_mask, labels = _batch("cpu")
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    expected.loss.backward()
+    expected_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    actual = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask)
+    actual.backward()
+    assert expected.aux_loss > 0
+    torch.testing.assert_close(actual, expected.loss, rtol=1e-5, atol=1e-6)
+    actual_grads = _grads(model)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in actual_grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
