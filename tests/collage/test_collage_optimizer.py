@@ -58,7 +58,7 @@ def test_small_updates_survive():
     start = (1 + 0.5 * torch.rand(elements)).bfloat16()
     ours, exact, plain = (torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.double()),
                           torch.nn.Parameter(start.clone()))
-    optimizers = [CollageAdamW([ours], lr=1e-4, backend=_backend_here()),
+    optimizers = [CollageAdamW([ours], lr=1e-4, weight_decay=0.0, backend=_backend_here()),
                   torch.optim.AdamW([exact], lr=1e-4, weight_decay=0.0),
                   torch.optim.AdamW([plain], lr=1e-4, weight_decay=0.0)]
     for _ in range(1000):
@@ -130,7 +130,7 @@ def _train(parameters_dtype, optimizer_factory, steps=300):
 @pytest.mark.slow  # 300 steps of three trainings
 def test_convergence_matches_fp32_master_adamw_where_bfloat16_falls_behind():
     reference_loss = _train(torch.float32, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
-    collage_loss = _train(torch.bfloat16, lambda p: CollageAdamW(p, lr=1e-2, backend=_backend_here()))
+    collage_loss = _train(torch.bfloat16, lambda p: CollageAdamW(p, lr=1e-2, weight_decay=0.0, backend=_backend_here()))
     plain_loss = _train(torch.bfloat16, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0))
     assert abs(collage_loss / reference_loss - 1) <= 0.01, (collage_loss, reference_loss)
     assert plain_loss > 1.05 * reference_loss, (plain_loss, reference_loss)
@@ -222,8 +222,8 @@ def test_fp32_checkpoint_splits_and_merges_without_losing_low_bits():
 
 
 def test_bad_input_is_refused_with_the_argument_named():
-    with pytest.raises(ValueError, match=r"parameter 0 of group 0 has dtype torch.float32"):
-        CollageAdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match=r"parameter 0 of group 0 has dtype torch.complex64"):
+        CollageAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
     parameter = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"argument 'lr'"):
         CollageAdamW([parameter], lr=-1.0)

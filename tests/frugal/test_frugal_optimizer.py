@@ -3,7 +3,6 @@
 
 Exactness claims are bit for bit (torch.equal) against torch.optim.AdamW(foreach=False) and signSGD written out.
 """
-import functools
 import io
 
 import pytest
@@ -15,8 +14,14 @@ from leanops import ops
 from leanops.optim.frugal.options import resolve_backend
 from leanops.optim import frugal_param_groups
 
-# The reference backend unless a test names another: "auto" would pick the C++ kernel on the CPU.
-FRUGAL = functools.partial(leanops.optim.FRUGAL, backend="reference")
+def FRUGAL(params, **options):
+    """The reference backend unless a test names another ("auto" would pick the C++ kernel on the CPU). A list of
+    tensors goes as one explicit group: these tests split every tensor (bare parameters would split the 2-D ones
+    only: tests/frugal/test_frugal_torch_conventions.py)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [{"params": params}]
+    return leanops.optim.FRUGAL(params, **{"backend": "reference", **options})
 
 PROJECTIONS = ("blockwise", "columns", "rows", "random", "svd")
 SHAPES = ((7, 11), (13, 5), (9,), (3, 4, 5))
@@ -142,7 +147,7 @@ def test_subspace_coordinates_get_adamw_of_the_submatrix(projection, state_free)
 def test_state_free_none_blockwise_leaves_inactive_tensors():
     ours = make_parameters()
     start = [p.detach().clone() for p in ours]
-    frugal = FRUGAL(ours, density=0.5, update_gap=100, projection="blockwise", state_free="none")
+    frugal = FRUGAL(ours, weight_decay=0.0, density=0.5, update_gap=100, projection="blockwise", state_free="none")
     run(frugal, ours, 3)
     active = set(frugal._active_blocks[0].tolist())
     assert len(active) == 2
@@ -440,7 +445,8 @@ def test_kernel_density_zero_is_signsgd_and_none_leaves_the_remainder(backend, d
         assert torch.equal(parameter.detach(), expected)
     parameters = make_parameters(shapes=KERNEL_SHAPES, device=device)
     initial = [p.detach().clone() for p in parameters]
-    optimizer = FRUGAL(parameters, lr=1e-2, density=0.5, projection=projection, state_free="none", backend=backend)
+    optimizer = FRUGAL(parameters, lr=1e-2, weight_decay=0.0, density=0.5, projection=projection, state_free="none",
+                       backend=backend)
     run(optimizer, parameters, 2, shapes=KERNEL_SHAPES)
     for parameter, start in zip(parameters, initial):
         if projection == "blockwise":

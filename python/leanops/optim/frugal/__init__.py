@@ -17,6 +17,18 @@ The gradient G of every *split* parameter (a parameter group with ``split=True``
   ``"signsgd"``: theta <- theta - lr_free * sign(R); ``"sgd"``: theta <- theta - lr_free * R; ``"none"``: nothing.
 - Decoupled weight decay on the whole parameter first, as torch.optim.AdamW: theta <- theta (1 - lr * weight_decay).
 
+What is split: ``frugal_param_groups(model)`` (recommended) chooses by module (nn.Linear weights, not embeddings,
+norms, biases or the output head). Given bare parameters (``FRUGAL(model.parameters())``, no groups), FRUGAL cannot
+see the modules: it puts the tensors that look like projection matrices (2-D with both sides > 1; with named
+parameters, also not named like an embedding or a head) in a group with ``split=True`` and the others (1-D norms and
+biases, convolution kernels, 1 x n matrices) in a group with ``split=False``, and says so in a UserWarning.
+``split_parameters()`` and the optimizer's repr list the split tensors (group, index, shape). A group given as a dict
+is taken as it is (``split`` defaults to True there).
+
+The constructor takes torch.optim.AdamW's arguments with its defaults (weight_decay=0.01, tensor lr, maximize;
+foreach/fused accepted and without effect; amsgrad, capturable, differentiable refused by name), and
+``add_param_group`` checks a new group as the constructor does.
+
 Parameters of groups with ``split=False`` get plain AdamW (with backend="reference", the same operations as
 torch.optim.AdamW(foreach=False), bit for bit). A parameter is handled as the matrix ``param.view(shape[0], -1)``
 (a 1-D tensor as one row).

@@ -1,9 +1,11 @@
 """The FRUGAL optimizer: it holds the state and the draw's bookkeeping, and delegates the work to the package's
 modules (options, subspaces, reference_step, fused_step, checkpoint)."""
+import warnings
+
 import torch
 
-from .. import _distributed
-from . import checkpoint, fused_step, options, reference_step, state_checks, subspaces
+from .. import _distributed, _torch_options
+from . import checkpoint, fused_step, options, param_groups, reference_step, state_checks, subspaces
 
 Tensor = torch.Tensor
 
@@ -12,11 +14,22 @@ class FRUGAL(torch.optim.Optimizer):
     """AdamW on a gradient subspace (``density`` of the coordinates) plus a state-free step on the rest.
 
     Args:
-        params: parameters or parameter groups. Group option ``split`` (default True) says whether a group's
-            parameters are split; ``frugal_param_groups(model)`` gives the usual choice. Every option below except
-            precision, seed and backend can be set per group. Parameters may be DTensors: FSDP2's ``fully_shard``
-            (Shard(0) on a 1-D device mesh), or Replicate (package docstring, "Distributed training").
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay on the whole parameter).
+        params: parameter groups, or bare parameters (or named parameters). Group option ``split`` (default True
+            in a group) says whether a group's parameters are split; ``frugal_param_groups(model)`` gives the usual
+            choice (recommended). Bare parameters are sorted into two groups, {"split": True} for those that look
+            like projection matrices (2-D, both sides > 1, and, when named, not named like an embedding or a head:
+            ``param_groups.looks_like_projection``) and {"split": False} (plain AdamW) for the others (norms,
+            biases, convolution kernels), with a UserWarning saying how many are split: an embedding or an output
+            head cannot be told from a projection matrix without the model. ``split_parameters()`` and the repr
+            list what is split. Every option below except precision, seed and backend can be set per group.
+            Parameters may be DTensors: FSDP2's ``fully_shard`` (Shard(0) on a 1-D device mesh), or Replicate
+            (package docstring, "Distributed training").
+        lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable, differentiable, fused: as
+            torch.optim.AdamW, with its defaults (weight_decay=0.01: decoupled weight decay on the whole
+            parameter). lr and the betas may be one-element tensors. ``maximize=True`` steps along +gradient (every
+            part: AdamW, the state-free update, svd's subspace). ``foreach`` / ``fused`` are accepted and change
+            nothing (``backend`` chooses how the step runs). ``amsgrad``, ``capturable`` and ``differentiable`` must
+            stay False (refused by name: leanops.optim._torch_options.REFUSED says why).
         density: fraction in [0, 1] of each split parameter (or, blockwise, of the group's tensors) that is
             state-full.
         update_gap: steps between subspace switches (>= 1).
@@ -35,33 +48,98 @@ class FRUGAL(torch.optim.Optimizer):
             are the fused split-step kernels (fused_step; leanops.reference.frugal states their per-element math),
             equal to the reference up to float32 rounding. "auto": the C++ kernel on the CPU, CUDA then Triton on
             a GPU, the reference for float64 parameters.
+
+    ``add_param_group`` checks a new group as the constructor does (its options, its parameters' dtypes, the
+    backend, DTensor layouts) and adds nothing if it is refused.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, density: float = 0.25, update_gap: int = 200,
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, density: float = 0.25, update_gap: int = 200,
                  projection: str = "blockwise", block_order: str = "random", state_free: str = "signsgd",
                  state_free_lr_scale: float = 1.0, state_full_lr_scale: float = 1.0, on_switch: str = "reset",
                  precision: str = "fp32", seed: int = 0, backend: str = "auto"):
+        _torch_options.check_amsgrad(options.OPERATION, amsgrad)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, density=density, update_gap=update_gap, projection=projection,
                         block_order=block_order, state_free=state_free, state_free_lr_scale=state_free_lr_scale,
-                        state_full_lr_scale=state_full_lr_scale, on_switch=on_switch, split=True)
+                        state_full_lr_scale=state_full_lr_scale, on_switch=on_switch, split=True,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused)
         options.check_group(defaults)
         options.check_optimizer_options(precision, seed, backend)
-        super().__init__(params, defaults)
-        for group_index, group in enumerate(self.param_groups):
-            options.check_group(group, options.in_group(group_index))
-            # A backend that cannot serve, or a DTensor layout that is not supported, is refused before any step.
-            options.check_parameters(group, group_index, backend)
         self.precision = precision
         self.seed = seed
         self.backend = backend
+        if not isinstance(params, (Tensor, dict)):
+            params = list(params)
+            if params and not any(isinstance(entry, dict) for entry in params):
+                named = isinstance(params[0], tuple)
+                params, split, total = param_groups.bare_parameter_groups(params)
+                warnings.warn(
+                    f"{options.OPERATION}: given bare parameters, FRUGAL splits the {split} of {total} tensors that "
+                    f"look like projection matrices (2-D, both sides > 1"
+                    f"{', not named like an embedding or a head' if named else ''}) and gives the other "
+                    f"{total - split} (norms, biases, ...) plain AdamW in a group of their own; "
+                    f"an embedding or an output head cannot be told from a projection matrix without the model: "
+                    f"FRUGAL(frugal_param_groups(model), ...) chooses by module (recommended); "
+                    f"split_parameters() lists what is split", UserWarning, stacklevel=2)
+        super().__init__(params, defaults)  # every group through add_param_group: checked there
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
         self._steps_taken = 0
         # Blockwise groups' active sets: group index -> sorted int32 positions of its state-full tensors.
         self._active_blocks: dict[int, Tensor] = {}
         self._positions = fused_step.KernelPositions()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim.Optimizer's, after the constructor's checks (ValueError naming the group and the option:
+        FRUGAL's options, amsgrad/capturable/differentiable True, a parameter that is not floating-point;
+        BackendUnavailableError for a backend that cannot step a parameter, NotImplementedError for a DTensor
+        layout that is not supported). A refused group is not added. Its subspaces are drawn at its first step."""
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        try:
+            options.check_group(group, options.in_group(group_index))
+            # A backend that cannot serve, or a DTensor layout that is not supported, is refused before any step.
+            options.check_parameters(group, group_index, self.backend)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+
+    def split_parameters(self) -> list[dict]:
+        """The parameters that are split (their groups have split=True: a subspace gets AdamW, the rest the
+        state-free update), in group order: {"group": group index, "index": position in the group, "name": the
+        name given with named parameters or None, "shape": tuple, "projection": the group's projection}."""
+        split = []
+        for group_index, group in enumerate(self.param_groups):
+            if not group["split"]:
+                continue
+            names = group.get("param_names")
+            for position, parameter in enumerate(group["params"]):
+                split.append({"group": group_index, "index": position,
+                              "name": names[position] if names else None, "shape": tuple(parameter.shape),
+                              "projection": group["projection"]})
+        return split
+
+    def __repr__(self) -> str:
+        """torch.optim's listing of the groups' options, then which tensors are split (split_parameters())."""
+        text = super().__repr__()
+        split = self.split_parameters()
+        total = sum(len(group["params"]) for group in self.param_groups)
+        lines = [f"Split parameters: {len(split)} of {total}"]
+        shown = 20
+        for entry in split[:shown]:
+            name = f" {entry['name']}" if entry["name"] else ""
+            lines.append(f"    group {entry['group']} index {entry['index']}{name}: {entry['shape']}, "
+                         f"{entry['projection']}")
+        if len(split) > shown:
+            lines.append(f"    ... and {len(split) - shown} more (split_parameters())")
+        return text[:-1] + "\n" + "\n".join(lines) + "\n)"
 
     def _process_group(self):
         """The group whose ranks share the active blocks and the generator: the first DTensor parameter's mesh
@@ -92,25 +170,41 @@ class FRUGAL(torch.optim.Optimizer):
             # Every rank draws with the first rank's generator: the draws are broadcast anyway, and the saved
             # generator state is then the same whichever rank's copy a checkpoint keeps.
             self._generator.set_state(subspaces.from_rank_zero(self._generator.get_state(), self._process_group()))
-        for group_index, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             for parameter in group["params"]:
                 if parameter.grad is not None and parameter.grad.is_sparse:
                     raise ValueError(f"{options.OPERATION}: sparse gradients are not supported")
-            active = self._switch_subspaces(group_index, group)
-            fused: dict[tuple, list[tuple[str, Tensor]]] = {}
-            for position, parameter in enumerate(group["params"]):
-                if parameter.grad is None:
-                    continue
-                how = subspaces.treatment(group, position, active)
-                chosen = options.resolve_backend(self.backend, parameter)
-                if chosen == "reference":
-                    reference_step.step_parameter(self.state, group, parameter, how, self.precision)
-                else:
-                    fused.setdefault((chosen, parameter.device, parameter.dtype), []).append((how, parameter))
-            for (chosen, _, _), entries in fused.items():
-                fused_step.step_group(self.state, self._positions, group, entries, chosen, self.precision)
+        for group_index, group in enumerate(self.param_groups):
+            negated = []
+            if group["maximize"]:
+                # Maximizing f is minimizing -f: every part of the step (the svd draw included) sees -g, a copy
+                # that replaces the gradient for the group's step only.
+                negated = [(parameter, parameter.grad) for parameter in group["params"] if parameter.grad is not None]
+                for parameter, gradient in negated:
+                    parameter.grad = torch.neg(gradient)
+            try:
+                self._step_group(group_index, _torch_options.numeric_group(group))
+            finally:
+                for parameter, gradient in negated:
+                    parameter.grad = gradient
         self._steps_taken += 1
         return loss
+
+    def _step_group(self, group_index: int, group: dict) -> None:
+        """One group's step (`group`: its options with lr and betas as Python floats)."""
+        active = self._switch_subspaces(group_index, group)
+        fused: dict[tuple, list[tuple[str, Tensor]]] = {}
+        for position, parameter in enumerate(group["params"]):
+            if parameter.grad is None:
+                continue
+            how = subspaces.treatment(group, position, active)
+            chosen = options.resolve_backend(self.backend, parameter)
+            if chosen == "reference":
+                reference_step.step_parameter(self.state, group, parameter, how, self.precision)
+            else:
+                fused.setdefault((chosen, parameter.device, parameter.dtype), []).append((how, parameter))
+        for (chosen, _, _), entries in fused.items():
+            fused_step.step_group(self.state, self._positions, group, entries, chosen, self.precision)
 
     def _switch_subspaces(self, group_index: int, group: dict) -> set | None:
         """Draw the group's subspaces at a switch (optimizer steps 1, 1 + update_gap, ...), or where none is drawn
@@ -156,6 +250,7 @@ class FRUGAL(torch.optim.Optimizer):
         # Checked: now load. The base class would cast every state tensor to its parameter's dtype (int32 indices
         # included): load the groups through it and install the state here, keeping each tensor's dtype.
         super().load_state_dict({"state": {}, "param_groups": checkpoint.without_extras(saved_groups)})
+        _torch_options.fill_flags(self.param_groups, self.defaults)  # a state dict saved before the flags existed
         self.state.clear()
         self._positions.clear()
         self.state.update(states)

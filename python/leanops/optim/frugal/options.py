@@ -9,7 +9,7 @@ import torch
 
 from ... import backends
 from ...ops import FRUGAL as FRUGAL_FAMILY
-from .. import _distributed
+from .. import _distributed, _torch_options
 
 Tensor = torch.Tensor
 
@@ -43,13 +43,19 @@ def _check_choice(name, value, choices, where=""):
 
 
 def check_group(group: dict, where: str = "") -> None:
-    """ValueError unless every per-group option of `group` is valid; `where` names the group in the message."""
-    for name in ("lr", "eps", "weight_decay", "state_free_lr_scale", "state_full_lr_scale"):
+    """ValueError unless every per-group option of `group` is valid; `where` names the group in the message. lr and
+    each beta may be one-element tensors; torch.optim.AdamW's flags are checked by _torch_options.check_flags."""
+    lr = _torch_options.as_number(group["lr"])
+    if lr is None or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{OPERATION}: argument 'lr'{where} must be a finite number >= 0 or a one-element tensor, "
+                         f"got {group['lr']!r}")
+    for name in ("eps", "weight_decay", "state_free_lr_scale", "state_full_lr_scale"):
         _check_number(name, group[name], where=where)
     betas = group["betas"]
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)):
+    numbers = [_torch_options.as_number(b) for b in betas] if isinstance(betas, (tuple, list)) else []
+    if len(numbers) != 2 or not all(b is not None and 0.0 <= b < 1.0 for b in numbers):
         raise ValueError(f"{OPERATION}: argument 'betas'{where} must be two numbers in [0, 1), got {betas!r}")
+    _torch_options.check_flags(OPERATION, group, where)
     _check_number("density", group["density"], high=1.0, where=where)
     gap = group["update_gap"]
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:

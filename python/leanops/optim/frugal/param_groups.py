@@ -34,3 +34,39 @@ def frugal_param_groups(model: torch.nn.Module) -> list[dict]:
     if full:
         groups.append({"params": full, "split": False})
     return groups
+
+
+# Names (of a named parameter, from model.named_parameters()) that mark an embedding among 2-D tensors.
+EMBEDDING_NAMES = ("embed", "wte", "wpe")
+
+
+def looks_like_projection(parameter: torch.Tensor, name: str | None = None) -> bool:
+    """The rule for bare parameters (no module to look at): a 2-D tensor with both sides > 1 is taken for a
+    projection matrix (an nn.Linear weight); 1-D tensors (norms, biases), scalars, convolution kernels (> 2-D) and
+    1 x n / n x 1 matrices are not. Given a name (named parameters), a 2-D tensor named like an embedding (a part
+    containing embed, wte or wpe) or an output head (its module named lm_head, head or output) is not either."""
+    if parameter.dim() != 2 or min(parameter.shape) <= 1:
+        return False
+    if name is None:
+        return True
+    parts = name.split(".")
+    if any(key in part for part in parts for key in EMBEDDING_NAMES):
+        return False
+    return not (len(parts) >= 2 and parts[-2] in HEAD_NAMES)
+
+
+def bare_parameter_groups(entries: list) -> tuple[list[dict], int, int]:
+    """(groups, split count, total) for bare parameters (tensors, or (name, tensor) pairs as named_parameters()
+    gives them): [{"params": the projection-like ones (looks_like_projection), "split": True},
+    {"params": the others, "split": False}], empty groups left out, each keeping the entries' order."""
+    split, full = [], []
+    for entry in entries:
+        name, parameter = entry if isinstance(entry, tuple) else (None, entry)
+        (split if isinstance(parameter, torch.Tensor) and looks_like_projection(parameter, name) else full).append(
+            entry)
+    groups = []
+    if split:
+        groups.append({"params": split, "split": True})
+    if full:
+        groups.append({"params": full, "split": False})
+    return groups, len(split), len(entries)
