@@ -21,6 +21,13 @@ fi
   wheel matplotlib
 # transformers and accelerate: the Hugging Face integration's tests (tiny random models, nothing downloaded; Trainer needs accelerate).
 "$venv/bin/python" -m pip install --quiet transformers accelerate
+# open_clip: the open_clip integration's tests (tiny models built from configs, nothing downloaded). torchvision is
+# the build made for the torch above (0.29.1 for torch 2.14.1), installed without its dependencies so that pip never
+# swaps torch; with another LEANOPS_TORCH, install the matching torchvision and open_clip_torch by hand.
+if [ "$torch_requirement" = "torch==2.14.1" ]; then
+  "$venv/bin/python" -m pip install --quiet --no-deps torchvision==0.29.1
+  "$venv/bin/python" -m pip install --quiet open_clip_torch==3.3.0 ftfy timm
+fi
 # --no-build-isolation: the extension compiles against the torch installed above, not a second download.
 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$venv/bin/python" -m pip install --quiet --no-build-isolation --no-deps -e .
 "$venv/bin/leanops" info

@@ -6,12 +6,12 @@ order (see ``leanops.backends``). ``leanops info`` on the command line says what
 ARCHITECTURE.md walks a call from a public function to each kernel.
 """
 from . import _extension  # noqa: F401  - loads leanops._C (or warns once why not) before anything uses it
-from . import backends, mcf, nn, ops, optim
+from . import backends, distill, mcf, nn, ops, optim
 from .backends import BackendUnavailableError
 from .contrastive import clip_loss, siglip_loss
 from .cross_entropy import linear_cross_entropy
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "backends", "clip_loss", "linear_cross_entropy", "mcf", "nn", "ops", "optim",
-           "siglip_loss", "__version__"]
+__all__ = ["BackendUnavailableError", "backends", "clip_loss", "distill", "linear_cross_entropy", "mcf", "nn", "ops",
+           "optim", "siglip_loss", "__version__"]
