@@ -90,23 +90,18 @@ def _fast_two_sum(a, b, STORAGE: tl.constexpr):
 
 
 @triton.jit
-def _veltkamp_split(x):
-    """x == hi + lo exactly, each half with at most 12 significant bits (float32, no FMA needed)."""
-    c = x * 4097.0  # 2**12 + 1
-    hi = c - (c - x)
-    return hi, x - hi
-
-
-@triton.jit
 def _two_prod(a, b, STORAGE: tl.constexpr, FUSED_FMA: tl.constexpr):
+    """p = F(a * b) and e = F(fma(a, b, -p)): eft.h's two_prod, the same bits for any operands (e = -p where finite
+    operands' product overflows, NaN where an operand is infinite or NaN)."""
     p = _mul(a, b, STORAGE)
-    if FUSED_FMA or STORAGE != 0:
-        # For bfloat16/float16 a*b is exact in float32, so even an unfused multiply-add gives the exact error.
+    if FUSED_FMA:
+        # One fused instruction on the GPU. (For bfloat16/float16 a*b is exact in float32, but an unfused multiply-add
+        # is still not enough: the float32 product of two large bfloat16 values can overflow.)
         error = tl.fma(a, b, -p)
     else:
-        # Triton's interpreter evaluates tl.fma as a rounded multiply then add; Dekker's TwoProduct is exact
-        # without a fused multiply-add.
-        a_hi, a_lo = _veltkamp_split(a)
-        b_hi, b_lo = _veltkamp_split(b)
-        error = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+        # Triton's interpreter evaluates tl.fma as a rounded multiply then add. The float64 product of two float32
+        # values is exact (2 x 24 <= 53 significant bits, no overflow), and so is its difference from p, so one
+        # rounding to float32 gives fma's result bit for bit, overflow and underflow included. (Dekker's splitting,
+        # used here before, overflows for operands above about 8e34.)
+        error = (a.to(tl.float64) * b.to(tl.float64) - p.to(tl.float64)).to(tl.float32)
     return p, _round(error, STORAGE)

@@ -145,7 +145,8 @@ def _frugal_chunk(row_ptr, offsets, mask, start, columns, subspace, mode, step_s
 
     # State-free elements.
     if RULE == 0:
-        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, g))
+        # reference.frugal.sign: +0 for +-0, NaN for NaN (a NaN gradient reaches the parameter).
+        sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, tl.where(g != g, g, 0.0)))
         work = tl.where(full, work, work - free_lr * sign)
     elif RULE == 1:
         work = tl.where(full, work, work - free_lr * g)

@@ -23,6 +23,20 @@ contiguous tensors; every result is exact as stated, not merely close:
 
 Every op takes ``backend="auto" | "reference" | "triton" | "cuda" | "cpu"`` (see ``leanops.backends``); all
 backends give the same bits. The reference also runs float64 (except ``split``/``merge``).
+
+Special values: every backend gives the reference's results for any input, NaN and infinities included (the
+algorithms' own IEEE float math, no special cases). NaN in gives NaN out. Where the leading result is infinite (an
+infinite operand, or a sum or product that overflows):
+
+- ``two_sum``, ``fast_two_sum``, ``grow``: the error term is NaN (the algorithms compute inf - inf).
+- ``two_prod``: p = +-inf; for finite operands whose product overflows e = -p (e = a * b - p taken exactly: a finite
+  product minus an infinite p), for an infinite or NaN operand e = NaN. Large finite float32 operands are exact up
+  to the overflow (no splitting that overflows first).
+- ``scale``: an overflowing product gives (NaN, NaN) (Fast2Sum of p = +-inf and e = -p).
+- ``split``: x beyond the format's range gives (+-inf, -+inf); ``merge``: hi + lo in float32.
+
+``grow_`` refuses, like torch's in-place operators and before any kernel runs, a ``hi`` or ``lo`` that is a leaf
+requiring grad (or a view of one) while grad mode is on.
 """
 import struct
 
@@ -71,7 +85,10 @@ def fast_two_sum(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor
 def two_prod(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """TwoProd: ``p = fl(a * b)`` and ``e = a * b - p`` exactly, elementwise (exact unless ``e`` underflows).
 
-    For bfloat16/float16 the float32 product is exact; for float32 the kernels use one fused multiply-add.
+    ``e`` is ``fma(a, b, -p)`` in float32 rounded to the dtype (exact: for bfloat16/float16 the float32 product
+    is exact, and for float32 the kernels use one fused multiply-add, or an exact float64 product where there is
+    none). A product of finite operands that overflows gives ``p = +-inf`` and ``e = -p``; an infinite or NaN
+    operand gives ``e = NaN``.
     """
     return _binary("two_prod", a, b, backend)
 
@@ -92,10 +109,31 @@ def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[T
     return tuple(_dispatch("grow", backend, hi)(hi, lo, v))
 
 
+def _check_in_place_allowed(op: str, name: str, tensor: Tensor) -> None:
+    """torch's own check for an in-place operation, with its message, for every provider: the kernels write through
+    the tensor's memory, out of autograd's sight, so they would silently mutate a parameter that requires grad."""
+    if not torch.is_grad_enabled():
+        return
+    if tensor.is_leaf and tensor.requires_grad:
+        raise RuntimeError(f"{op}: argument '{name}': a leaf Variable that requires grad is being used in an "
+                           "in-place operation.")
+    if torch.compiler.is_compiling():
+        return
+    base = tensor._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError(f"{op}: argument '{name}': a view of a leaf Variable that requires grad is being used in "
+                           "an in-place operation.")
+
+
 def grow_(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """In-place ``grow``: ``hi`` and ``lo`` receive the new pair (they must not share memory). Returns them."""
+    """In-place ``grow``: ``hi`` and ``lo`` receive the new pair (they must not share memory). Returns them.
+
+    Like torch's in-place operators, it refuses a ``hi`` or ``lo`` that is a leaf requiring grad (or a view of one)
+    while grad mode is on (RuntimeError, before any provider runs); under ``torch.no_grad()`` it writes them."""
     op = "leanops.mcf.grow_"
     _check_grow(op, hi, lo, v)
+    _check_in_place_allowed(op, "hi", hi)
+    _check_in_place_allowed(op, "lo", lo)
     if not torch.compiler.is_compiling():
         # Eagerly, before any provider runs (inside a compiled graph the C++ kernels check it themselves).
         _validation.check_no_shared_memory(op, "hi", hi, "lo", lo)

@@ -8,6 +8,8 @@ CUDA kernel with a GPU, the Triton kernel: under Triton's interpreter on CPU ten
 
 tests/frugal/test_frugal_optimizer.py holds the optimizer on each kernel to the reference backend.
 """
+import math
+
 import pytest
 import torch
 
@@ -106,7 +108,9 @@ def _call(operator, arguments, rule):
 
 
 def _on(arguments, device):
-    return {key: [t.to(device) for t in value] if key not in ("modes", "step_sizes", "roots") else list(value)
+    """A copy of the arguments on `device`: a copy on the CPU too (Tensor.to returns the tensor itself when nothing
+    changes, and the kernel would then step the oracle's own tensors, comparing them with themselves)."""
+    return {key: [t.to(device, copy=True) for t in value] if key not in ("modes", "step_sizes", "roots") else list(value)
             for key, value in arguments.items()}
 
 
@@ -215,3 +219,83 @@ def test_primitive_bad_arguments_name_the_argument(backend, device):
     attempt(lambda a: a["addends"].__setitem__(ADDEND_INDEX, torch.zeros(3, device=device)),
             rf"addends\[{ADDEND_INDEX}\]")
     attempt(lambda a: a["params_lo"].extend(t.clone() for t in a["params"]), "'params_lo'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Special values: NaN in gives NaN out on every provider (the oracle's sign(NaN) is NaN, not torch.sign's 0).
+
+def _with_special_values(arguments, dtype):
+    """Put NaN, infinities, signed zeros and huge values into the gradients, and -0, infinities and NaN into the
+    parameters, at a few places of every tensor (a -0 parameter with a -0 gradient tells sign(-0) = +0 from -0)."""
+    specials = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, torch.finfo(dtype).max, -1e30, math.nan])
+    for index, (theta, g) in enumerate(zip(arguments["params"], arguments["grads"])):
+        flat_g, flat_theta = g.view(-1), theta.view(-1)
+        count = min(flat_g.numel(), specials.numel())
+        flat_g[:count] = specials[:count].to(g.dtype)
+        if flat_theta.numel() > 4:
+            flat_theta[3] = -0.0  # with g = -0: work = -0 - free_lr * sign(-0)
+            flat_theta[4] = math.inf if index % 2 else math.nan
+    return arguments
+
+
+def _assert_same_values(want, got, what):
+    """NaN where the oracle has NaN; elsewhere the same bits (zeros' signs included)."""
+    got = got.cpu()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN at other places"
+    integer = torch.int32 if want.dtype == torch.float32 else torch.int16
+    differ = (want.view(integer) != got.view(integer)) & ~nan
+    assert not bool(differ.any()), f"{what}: {int(differ.sum())} values differ"
+
+
+SPECIAL_COMBINATIONS = [COMBINATIONS[0], COMBINATIONS[2], COMBINATIONS[5]]
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("dtype, grad_dtype, compensated", SPECIAL_COMBINATIONS)
+@pytest.mark.parametrize("rule", [oracle.SIGNSGD, oracle.SGD])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_signsgd_nan_gradient_same_on_every_provider(backend, device, dtype, grad_dtype, compensated, rule):
+    layout = tensors((5, 19))  # small: the special values are what matters
+    expected = _with_special_values(_problem(dtype, grad_dtype, compensated, seed=11, layout=layout), dtype)
+    actual = _on(expected, device)
+    _call(ORACLE, expected, rule)
+    _call(_operator(backend), actual, rule)
+    for key in STATES:
+        for index, (want, got) in enumerate(zip(expected[key], actual[key])):
+            _assert_same_values(want, got, f"{key}[{index}] ({layout[index][:2]})")
+    # The semantics: a NaN gradient of a state-free element makes its parameter NaN (FREE tensor 2, element 0).
+    assert math.isnan(expected["params"][2].view(-1)[0].item()), "signSGD dropped a NaN gradient"
+
+
+def test_oracle_sign_keeps_nan_and_gives_positive_zero():
+    g = torch.tensor([math.nan, -0.0, 0.0, 2.5, -1e-30, math.inf, -math.inf])
+    s = oracle.sign(g)
+    assert math.isnan(s[0].item())
+    assert s[1:].tolist() == [0.0, 0.0, 1.0, -1.0, 1.0, -1.0]
+    assert s[1:3].view(torch.int32).tolist() == [0, 0], "sign(+-0) is +0"
+
+
+@pytest.mark.parametrize("backend, device", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compensated", [False, True], ids=["plain", "compensated"])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_every_16bit_parameter_same_on_every_provider(backend, device, dtype, compensated):
+    """Every one of the 65,536 bit patterns as a parameter (subnormals, infinities, NaNs included), stepped by SGD
+    with weight decay: each kernel's conversions and roundings give the oracle's values."""
+    generator = torch.Generator().manual_seed(5)
+    theta = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    arguments = {"params": [theta.clone()], "params_lo": [], "exp_avgs": [torch.empty(0)],
+                 "exp_avg_sqs": [torch.empty(0)], "grads": [torch.randn(256, 256, generator=generator).to(dtype)],
+                 "positions": [torch.empty(0, dtype=torch.int32)], "addends": [torch.empty(0)], "modes": [FREE],
+                 "step_sizes": [0.0], "roots": [1.0]}
+    if compensated:
+        arguments["params_lo"] = [(theta.float() * 2.0 ** -9 * torch.rand(256, 256, generator=generator)).to(dtype)]
+    actual = _on(arguments, device)
+    _call(ORACLE, arguments, oracle.SGD)
+    _call(_operator(backend), actual, oracle.SGD)
+    for key in ("params", "params_lo"):
+        for want, got in zip(arguments[key], actual[key]):
+            _assert_same_values(want, got, key)

@@ -56,10 +56,16 @@ LEANOPS_HOST_DEVICE float state_full_step(float work, float& m, float& v, float 
   return eft::sub_rn(work, mul_rn(t.step_size, eft::div_rn(m, denominator)));
 }
 
-// The state-free part of one element: signSGD, SGD or nothing. sign(0) is 0 (and a NaN stays NaN), as torch.sign.
+// signSGD's sign (reference.frugal.sign): +-1, +0 for +-0, and NaN for NaN, so that a NaN gradient reaches the
+// parameter (torch.sign would give 0) on every provider.
+LEANOPS_HOST_DEVICE float sign_keeping_nan(float g) {
+  return g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : (g != g ? g : 0.0f));
+}
+
+// The state-free part of one element: signSGD, SGD or nothing.
 LEANOPS_HOST_DEVICE float state_free_step(float work, float g, const Scalars& s) {
   if (s.rule == kSignSGD) {
-    const float sign = g > 0.0f ? 1.0f : (g < 0.0f ? -1.0f : g);
+    const float sign = sign_keeping_nan(g);
     return eft::sub_rn(work, eft::mul_rn(s.free_lr, sign));
   }
   if (s.rule == kSGD) return eft::sub_rn(work, eft::mul_rn(s.free_lr, g));

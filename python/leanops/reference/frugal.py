@@ -22,7 +22,7 @@ correctly rounded, in this order (no fused multiply-add):
                 v    = beta2 * v + (1 - beta2) * (g * g)
                 work = work - step_size * (m / (sqrt(v) / bias_correction2_root + eps))
     work   = work + a                                              when addends[i] is not empty
-    state-free: work = work - free_lr * sign(g)   (state_free = 0, signSGD; sign(0) = 0)
+    state-free: work = work - free_lr * sign(g)   (state_free = 0, signSGD; sign(+-0) = +0, sign(NaN) = NaN)
                 work = work - free_lr * g         (state_free = 1, SGD)
                 (nothing)                         (state_free = 2, none)
     store  float32 parameter: theta = work;  16-bit without compensation: theta = F(work) (nearest even);
@@ -31,6 +31,9 @@ correctly rounded, in this order (no fused multiply-add):
 step_size = float32(lr * state_full_lr_scale / (1 - beta1^t)) and bias_correction2_root = float32(sqrt(1 - beta2^t))
 are per tensor (the step count t is), computed in float64 on the host; the other scalars are per call, rounded to
 float32 as torch.tensor(value, dtype=float32) does; 1 - beta1 and 1 - beta2 are taken in float64 first.
+
+Special values propagate as in torch: a NaN gradient makes its element's parameter NaN (state-free: sign(NaN) is NaN,
+not torch.sign's 0, so signSGD does not silently drop it; state-full: through the moments), whatever the provider.
 
 Random and SVD projections use the same step around torch matmuls: an ADAMW-mode step on a zeroed float32 "parameter"
 of the projected shape (decay 1) leaves -step_size * m / denom in it, which is projected back and given as the
@@ -51,6 +54,14 @@ STATE_FREE_CODES = {"signsgd": SIGNSGD, "sgd": SGD, "none": NONE}
 
 def _float32(value: float, device) -> Tensor:
     return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+def sign(g: Tensor) -> Tensor:
+    """signSGD's sign: +1 for g > 0, -1 for g < 0, +0 for +-0, and NaN for NaN (torch.sign gives 0 for NaN, which
+    would drop a NaN gradient silently; and its zero's sign is an implementation detail)."""
+    one = torch.ones((), dtype=g.dtype, device=g.device)
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    return torch.where(g > 0, one, torch.where(g < 0, -one, torch.where(torch.isnan(g), g, zero)))
 
 
 def state_full_mask(mode: int, positions: Tensor, rows: int, columns: int) -> Tensor | None:
@@ -113,7 +124,7 @@ def frugal_split_step_(params: list[Tensor], params_lo: list[Tensor], exp_avgs: 
             work = work + addends[index].to(f32).reshape(-1)
         free = ~full
         if state_free == SIGNSGD:
-            work[free] = work[free] - _float32(free_lr, device) * torch.sign(g[free])
+            work[free] = work[free] - _float32(free_lr, device) * sign(g[free])
         elif state_free == SGD:
             work[free] = work[free] - _float32(free_lr, device) * g[free]
         if compensated:

@@ -38,8 +38,12 @@ def _dekker_split(x: Tensor) -> tuple[Tensor, Tensor]:
 def two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """TwoProd: p = fl(a * b) and e with a * b == p + e exactly (unless e underflows).
 
-    For bfloat16/float16 the float32 product is exact, and for float32 the float64 product is, so the error is
-    that exact product minus p, rounded back to the dtype without loss. float64 uses Dekker's TwoProduct.
+    For bfloat16/float16/float32 the float64 product is exact (at most 2 x 24 significant bits, and no overflow),
+    and so is its difference from p, so e is that difference rounded once to float32 (then to the dtype, exactly):
+    the bits of fma(a, b, -p) in float32, which the kernels compute. Special values follow from that float math:
+    finite operands whose product overflows give p = +-inf and e = -p (a * b - p with a finite a * b); an infinite
+    or NaN operand gives e = NaN. (The float32 product of two bfloat16 values can itself overflow, which would make
+    e = inf - inf = NaN; hence float64 for every dtype.) float64 uses Dekker's TwoProduct.
     """
     p = a * b
     if a.dtype == torch.float64:
@@ -47,9 +51,10 @@ def two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         b_hi, b_lo = _dekker_split(b)
         e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
         return p, e
-    wide = torch.float64 if a.dtype == torch.float32 else torch.float32
-    exact = a.to(wide) * b.to(wide)
-    return p, (exact - p.to(wide)).to(a.dtype)
+    exact = a.to(torch.float64) * b.to(torch.float64)
+    # float64 -> float32 -> dtype: torch narrows float64 to 16 bits through float32, and so do the kernels (fma's
+    # float32 result, then the rounding to the dtype): the two agree where e underflows too.
+    return p, (exact - p.to(torch.float64)).to(torch.float32).to(a.dtype)
 
 
 def grow(hi: Tensor, lo: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
