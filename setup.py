@@ -5,13 +5,22 @@ no GPU is needed to compile them. Environment:
 
   LEANOPS_BUILD_CUDA=0|1   force the CUDA kernels off, or on (an error if they cannot be built)
   TORCH_CUDA_ARCH_LIST     target architectures; with no GPU visible the default is Hopper, "9.0"
-  LEANOPS_BUILD_STRICT=1   fail the install if the extension fails to compile (CI sets it); otherwise a failed
-                           build installs the package without leanops._C, and the Triton and reference backends serve
+  LEANOPS_BUILD_STRICT=0   install without leanops._C when it fails to compile (the Triton and reference backends
+                           serve), with a warning; by default (1) a failed compile fails the install: an install
+                           never reports success with kernels that cannot load
   MAX_JOBS                 parallel compile jobs
+
+leanops._C links the torch it is compiled against and loads only beside that same torch. `pip install .` with
+pip's build isolation compiles in a temporary environment: the build requirement is then the torch installed in
+the environment being installed into (`torch==<its version>`, from setup_requires below, which setuptools hands to
+pip), so the kernels match it; a build that would compile against another torch stops with what to do instead.
+`pip install --no-build-isolation .` (scripts/setup.sh, CI) compiles against the installed torch directly.
 """
 import glob
+import importlib.metadata
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -39,16 +48,69 @@ def _locate_cuda_home():
             return
 
 
+# setup.py commands that need torch (pip's PEP 517 hooks run dist_info for the metadata, then bdist_wheel or
+# editable_wheel; "egg_info" is the hook that only asks for the build requirements, when torch need not be
+# importable yet).
+BUILD_COMMANDS = {"dist_info", "bdist_wheel", "editable_wheel", "build", "build_ext", "install", "develop", "bdist_egg"}
+FIX = ("leanops compiles its kernels against the torch of the environment it is installed into. Install torch "
+       "there first (pip install torch==2.13.0 for the CPU build, torch==2.14.1 for the CUDA 13.0 build), then "
+       "build leanops against it:\n"
+       "    pip install --no-build-isolation .        (or -e . for an editable install)")
+
+
+def _target_site_dirs() -> list[str]:
+    """The site-packages of the environment being installed into: this interpreter's own. (Under pip's build
+    isolation sys.path holds a temporary environment instead; sysconfig still names the interpreter's.)"""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(os.path.realpath(paths[key]) for key in ("purelib", "platlib")))
+
+
+def _installed_torch(paths: list[str] | None) -> tuple[str, str] | None:
+    """(version, folder) of the torch distribution found in `paths` (None: on sys.path), read from its metadata
+    without importing it; None if there is none."""
+    for distribution in importlib.metadata.distributions(name="torch", **({} if paths is None else {"path": paths})):
+        return distribution.version, os.path.realpath(str(distribution.locate_file("")))
+    return None
+
+
+def _build_requirements() -> list[str]:
+    """The torch to compile against: the one installed in the target environment, exactly (pip installs it into
+    its isolated build environment through setuptools' get_requires_for_build_wheel); any torch if there is
+    none, and install_requires then pins the one compiled against."""
+    target = _installed_torch(_target_site_dirs())
+    return [f"torch=={target[0]}"] if target else ["torch>=2.4"]
+
+
+def _check_build_torch() -> str:
+    """Stop a build that would compile against a torch other than the target environment's (pip's build isolation
+    with a different torch): the kernels would not load there. Returns the install requirement on torch."""
+    target_dirs = _target_site_dirs()
+    target = _installed_torch(target_dirs)
+    building = _installed_torch(None)
+    isolated = building is not None and building[1] not in target_dirs
+    if target is not None and building is not None and target[0] != building[0]:
+        raise SystemExit(
+            f"leanops: this build would compile leanops._C against torch {building[0]} (in {building[1]}), but the "
+            f"environment it installs into has torch {target[0]} (in {target[1]}): the kernels would not load "
+            f"there.\n{FIX}")
+    if isolated and target is None:
+        # Nothing installed to match: the environment must get the torch the kernels are compiled against.
+        return f"torch=={building[0]}"
+    return "torch>=2.4"
+
+
 def _extension_modules():
-    """The extension modules to build, and the build_ext command class that builds them."""
+    """The extension modules to build, the build_ext command class that builds them, and the install requirement
+    on torch."""
     _locate_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("leanops: torch is not installed in the build environment; building without leanops._C "
-              "(install torch first and use pip's --no-build-isolation)", file=sys.stderr)
-        return [], {}
+    except ImportError as error:
+        if BUILD_COMMANDS & set(sys.argv[1:]):
+            raise SystemExit(f"leanops: torch is not importable in the build environment ({error}).\n{FIX}")
+        return [], {}, "torch>=2.4"  # only the build requirements are asked for (pip's get_requires hook)
+    torch_requirement = _check_build_torch()
 
     want_cuda = _env_flag("LEANOPS_BUILD_CUDA")
     cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -84,7 +146,7 @@ def _extension_modules():
             "leanops._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"])
 
-    strict = _env_flag("LEANOPS_BUILD_STRICT") or False
+    strict = _env_flag("LEANOPS_BUILD_STRICT") is not False  # strict unless LEANOPS_BUILD_STRICT=0
 
     class BuildExtension(cpp_extension.BuildExtension):
         """torch's BuildExtension; a failed compile is a warning, not a failed install, unless strict."""
@@ -95,13 +157,14 @@ def _extension_modules():
             except Exception as error:  # noqa: BLE001 - any compiler failure
                 if strict:
                     raise
-                print(f"leanops: WARNING: building leanops._C failed ({error}); installing without it. "
-                      "Set LEANOPS_BUILD_STRICT=1 to make this an error.", file=sys.stderr)
+                print(f"leanops: WARNING: building leanops._C failed ({error}); installing without it, as "
+                      "LEANOPS_BUILD_STRICT=0 asks (the cpu and cuda backends will be unavailable).",
+                      file=sys.stderr)
 
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}, torch_requirement
 
 
-ext_modules, cmdclass = _extension_modules()
+ext_modules, cmdclass, torch_requirement = _extension_modules()
 
 setup(
     name="leanops",
@@ -114,7 +177,9 @@ setup(
               + [f"leanops.benchmarks.{name}" for name in find_packages("benchmarks")]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy"],
+    # The build requirements beyond pyproject.toml's: the target environment's own torch (see the docstring).
+    setup_requires=_build_requirements(),
+    install_requires=[torch_requirement, "numpy"],
     extras_require={
         "triton": ["triton"],
         "bench": ["matplotlib"],

@@ -278,6 +278,7 @@ def run_family(family: str, device: torch.device, *, quick: bool = False, repeat
         "ceilings": None if ceilings is None else ceilings.as_dict(),
         "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
         "memory": measurement.memory_method(device)})
+    common.PROGRESS.expect(report, len(batches) * len(methods))
     report.notes.append(f"time: forward + backward (grads of features, scale{', bias' if spec.bias else ''}), "
                         f"median; FLOP floor 8*B^2*D (S, its recomputation, and the two gradient matmuls)")
     report.notes.append(measurement.ceilings_note(ceilings))

@@ -379,6 +379,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
         "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
         "memory": measurement.memory_method(device)})
     report.notes.extend(_notes(device, dtype_name, peak, ceilings))
+    common.PROGRESS.expect(report, len(cases) * len(kinds) * len(methods))
 
     torch.manual_seed(0)
     checkers = {kind: Checker(kind, dtype, device) for kind in kinds}

@@ -117,6 +117,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
     report = common.Report(FAMILY, device, rows=[], copy_bandwidth_gbps=copy_bandwidth,
                            settings={"quick": quick, "full": full, "repeats": repeats, "elements": elements,
                                      "backends": list(names)})
+    common.PROGRESS.expect(report, len(CASES) * len(dtypes) * len(names))
     if device.type == "cpu" and "triton" in names:
         if backends.unavailable_reason("triton", device) is None:
             report.notes.append(TRITON_INTERPRETER_NOTE)

@@ -488,6 +488,7 @@ def run(device: torch.device, *, quick: bool = False, repeats: int | None = None
         "time_budget_s": common.row_budget_s(measurement.TIME_BUDGET_S[device.type]),
         "memory": measurement.memory_method(device)})
     report.notes.extend(_notes(device, tensors, shape))
+    common.PROGRESS.expect(report, len(methods))
 
     for method in methods:
         bytes_per_param = BYTES_MOVED[method.kind]

@@ -11,9 +11,11 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -76,33 +78,97 @@ def row_budget_s(default: float) -> float:
 
 
 class Progress:
-    """A one-line progress display on stderr while a family runs (only when stderr is a terminal): the family, the
-    number of timed measurements so far and the elapsed time, updated as each measurement ends."""
+    """Progress on stderr while ``leanops bench`` runs: the rows done of the family's total, the case just measured
+    and an estimate of the time left in the family, from the time its rows took so far, e.g.
 
-    def __init__(self):
+        [3/17] clip pytorch float32 B=32768 (family 2/6) 41 s, ~2 min left in clip
+
+    On a terminal it is one line, rewritten in place; otherwise (a log) one line per finished row, prefixed
+    "leanops bench: running". A family announces its row count with ``expect(report, total)`` once its report
+    exists; without it the line shows the rows so far. ``begin``/``end`` bracket a family (the CLI calls them)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
         self.label, self.count, self.start = "", 0, 0.0
+        self.rows: list | None = None
+        self.total: int | None = None
+        self.family_index: tuple[int, int] | None = None
+        self.shown_rows = 0
+        self.enabled = False
 
-    def begin(self, label: str) -> None:
+    @property
+    def _stream(self):
+        return self.stream or sys.stderr
+
+    def begin(self, label: str, index: int | None = None, families: int | None = None) -> None:
+        """A family begins (`index` of `families`, from 1, when the CLI runs several)."""
         self.label, self.count, self.start = label, 0, time.perf_counter()
+        self.rows, self.total, self.shown_rows, self.enabled = None, None, 0, True
+        self.family_index = (index, families) if index is not None and families and families > 1 else None
         self._show()
 
+    def expect(self, report, total: int) -> None:
+        """The family's `report` will have `total` rows (progress counts its rows as they are added)."""
+        if self.enabled:
+            self.rows, self.total = report.rows, int(total)
+
     def tick(self) -> None:
+        """A timed measurement ended."""
         self.count += 1
         self._show()
 
     def end(self) -> None:
-        if self.label and sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-        self.label = ""
+        if self.enabled and self._stream.isatty():
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+        elif self.enabled:
+            self._show()  # a log: the rows after the last measurement (skipped, not run) complete the count
+        self.label, self.rows, self.total, self.enabled = "", None, None, False
+
+    def line(self) -> str:
+        """The progress text now (without the terminal's control characters)."""
+        elapsed = time.perf_counter() - self.start
+        family = "" if self.family_index is None else f" (family {self.family_index[0]}/{self.family_index[1]})"
+        if self.rows is None or self.total is None:
+            return f"{self.label}{family}: {self.count} measurements, {format_duration(elapsed)}"
+        done = min(len(self.rows), self.total)
+        case = row_case(self.rows[-1]) if self.rows else ""
+        text = f"[{done}/{self.total}] {self.label} {case}".rstrip() + f"{family} {format_duration(elapsed)}"
+        if 0 < done < self.total:
+            text += f", ~{format_duration(elapsed / done * (self.total - done))} left in {self.label}"
+        return text
 
     def _show(self) -> None:
-        if not self.label or not sys.stderr.isatty():
+        if not self.enabled or not self.label:
             return
-        spinner = "|/-\\"[self.count % 4]
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r\033[K{spinner} {self.label}: {self.count} measurements, {elapsed:.0f} s")
-        sys.stderr.flush()
+        if self._stream.isatty():
+            self._stream.write("\r\033[K" + self.line()[:TABLE_WIDTH - 1])
+            self._stream.flush()
+        elif self.rows is not None and len(self.rows) > self.shown_rows:
+            # A log: one line per row measured (skipped rows are counted with the next one).
+            self.shown_rows = len(self.rows)
+            self._stream.write(f"leanops bench: running {self.line()}\n")
+            self._stream.flush()
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for progress lines: "41 s", "2 min", "1 h 5 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
+
+
+def row_case(row) -> str:
+    """A row's case for progress lines: the method, dtype and size (B=, N/V=, or the element count)."""
+    if getattr(row, "batch", None):
+        size = f"B={row.batch}"
+    elif getattr(row, "tokens", None):
+        size = f"N={row.tokens} V={row.vocabulary}" + (f" {row.inputs}" if getattr(row, "inputs", None) else "")
+    else:
+        size = f"n={row.elements}"
+    return f"{row.backend} {row.dtype} {size}"
 
 
 PROGRESS = Progress()
@@ -317,6 +383,21 @@ def write_results(out_dir: str, report: Report) -> list[str]:
 TABLE_WIDTH = 120
 
 
+def fit_width(text: str, width: int = TABLE_WIDTH) -> str:
+    """`text` with every line longer than `width` wrapped at spaces, its continuation lines indented under the
+    text after a leading "note: " or "[n] " (footnotes, notes, titles); shorter lines are left alone."""
+    lines = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        match = re.match(r"(note: |\[\d+\] |\s*)", line)
+        indent = " " * len(match.group(1)) if match else ""
+        lines.extend(textwrap.wrap(line, width=width, subsequent_indent=indent, break_long_words=True,
+                                   break_on_hyphens=False) or [line[:width]])
+    return "\n".join(lines)
+
+
 def format_table(header: list[str], rows: list[list[str]], max_width: int | None = None) -> str:
     """Columns padded to their widest cell; the last column is left ragged.
 
@@ -352,7 +433,7 @@ def format_report(report: Report) -> str:
     title = f"{report.family} on {info.device_name(report.device)}"
     if report.copy_bandwidth_gbps is not None:
         title += f"; measured copy bandwidth {report.copy_bandwidth_gbps:.1f} GB/s"
-    text = title + "\n" + format_table(header, rows)
+    text = title + "\n" + format_table(header, rows, max_width=TABLE_WIDTH)
     if report.notes:
         text += "\n" + "\n".join(f"note: {note}" for note in report.notes)
     return text

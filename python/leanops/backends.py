@@ -51,9 +51,12 @@ def build_reason(backend: str) -> str | None:
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"unknown backend {backend!r}; expected one of {(AUTO,) + BACKENDS}")
     if not _extension.extension_loaded():
-        return f"leanops._C is not available ({_extension.extension_error})"
+        # The cause (the load error, in words) and the fix: _extension.explain_load_error / mismatch_error.
+        return f"leanops._C is not available: {_extension.extension_error}"
     if backend == "cuda" and not _extension.cuda_kernels_built():
-        return "leanops._C was built without CUDA kernels (torch without CUDA, nvcc not found, or LEANOPS_BUILD_CUDA=0)"
+        return ("leanops._C was built without CUDA kernels (torch without CUDA, nvcc not found, or "
+                f"LEANOPS_BUILD_CUDA=0); to build them, with a CUDA build of torch and nvcc: LEANOPS_BUILD_CUDA=1 "
+                f"{_extension.rebuild_command()}")
     return None
 
 

@@ -1,9 +1,13 @@
 """The ``leanops`` command line.
 
   leanops info                 versions, the device, how leanops._C was built, which backends are built and usable
-  leanops bench [FAMILY ...]   check every usable backend against the reference, time it, write JSON, print a table
-                               (the loss families: each method's matrix work over the floor, and on a GPU the
-                               roofline time); --targets: the issue's target sizes and the target table last
+  leanops bench [FAMILY ...]   check every usable backend against the reference, time it, write JSON and CSV to a
+                               fresh folder (--out DIR to choose), print tables of at most 120 columns (the loss
+                               families: each method's matrix work over the floor, and on a GPU the roofline
+                               time); --targets: the issue's target sizes and the target table last
+  leanops demo                 train a small model with plain PyTorch and with leanops, and compare them
+
+``python -m leanops`` is the same command line.
 
 Run ``leanops <command> --help`` for the options.
 """
@@ -46,9 +50,36 @@ def _info(arguments) -> int:
     return 0
 
 
-def _default_out_dir() -> str:
-    in_checkout = os.path.join("benchmarks", "results")
-    return in_checkout if os.path.isdir(in_checkout) else "leanops-results"
+def source_tree_root(directory: str) -> str | None:
+    """The leanops source checkout that holds `directory` (the folder with setup.py and python/leanops), or None."""
+    directory = os.path.realpath(directory)
+    while True:
+        if os.path.isfile(os.path.join(directory, "setup.py")) and \
+                os.path.isfile(os.path.join(directory, "python", "leanops", "__init__.py")):
+            return directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def default_out_dir(now: float | None = None, cwd: str | None = None) -> str:
+    """A fresh folder for one run's results, never inside a leanops source checkout (whose committed results in
+    benchmarks/results are written only on request, --out): ./leanops-results-<date>-<time> in the current
+    folder, or, when that is inside a checkout, the same name under the user's cache folder
+    ($XDG_CACHE_HOME/leanops, default ~/.cache/leanops). A name already taken gets a suffix -2, -3, ..."""
+    cwd = cwd or os.getcwd()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    if source_tree_root(cwd) is None:
+        base = cwd
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "leanops")
+    candidate = os.path.join(base, f"leanops-results-{stamp}")
+    suffix = 2
+    while os.path.exists(candidate):
+        candidate, suffix = os.path.join(base, f"leanops-results-{stamp}-{suffix}"), suffix + 1
+    return candidate
 
 
 def _bench(arguments, parser) -> int:
@@ -70,7 +101,7 @@ def _bench(arguments, parser) -> int:
     if arguments.inputs and arguments.families and not set(arguments.families) & set(INPUT_KIND_FAMILIES):
         parser.error(f"--inputs applies to {', '.join(INPUT_KIND_FAMILIES)} only")
     device = torch.device(device_type)
-    out_dir = arguments.out or _default_out_dir()
+    out_dir = arguments.out or default_out_dir()
     backend_names = arguments.backends.split(",") if arguments.backends else None
 
     from leanops.benchmarks import common, compare
@@ -106,7 +137,7 @@ def _bench(arguments, parser) -> int:
                 options[name] = value
             else:
                 print(f"leanops bench: --{name} does not apply to {family} (ignored)", file=sys.stderr)
-        common.PROGRESS.begin(family)
+        common.PROGRESS.begin(family, index + 1, len(families))
         row_budget = TARGET_ROW_BUDGET_S if arguments.targets else None
         # Family k (from 0) begins no row after (k + 1) x --time-limit from the start: what a family leaves unused
         # goes to the next ones.
@@ -126,11 +157,13 @@ def _bench(arguments, parser) -> int:
             print(f"leanops bench: wrote {written}", file=sys.stderr)
         reports.append(report)
         tables.append(getattr(module, "format_report", common.format_report)(report))
-    print("\n\n".join(tables))
+    # Every printed line fits common.TABLE_WIDTH (120) columns: long notes wrap; the details are in the JSON/CSV.
+    print(common.fit_width("\n\n".join(tables)))
     for old_document, new_document in comparisons:
-        print("\n" + compare.format_comparison(old_document, new_document))
+        print("\n" + common.fit_width(compare.format_comparison(old_document, new_document)))
     if arguments.targets:
         _print_targets(reports, out_dir, device_type)
+    print(f"leanops bench: results in {out_dir}", file=sys.stderr)
     failures = sum(row.check == "failed" for report in reports for row in report.rows)
     if failures:
         print(f"leanops bench: {failures} backend check(s) FAILED: outputs differ from the reference",
@@ -146,7 +179,7 @@ def _print_targets(reports, out_dir: str, device_type: str) -> None:
                  if report.family in targets.FAMILIES}
     for written in targets.write(out_dir, documents, device_type):
         print(f"leanops bench: wrote {written}", file=sys.stderr)
-    print("\n" + targets.format_targets(documents))
+    print("\n" + common.fit_width(targets.format_targets(documents)))
 
 
 def _accepts(function, name: str) -> bool:
@@ -191,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="earlier results of a family (<family>-<device>.json): run the same families "
                                    "again and show what got faster or slower beyond the run-to-run spread")
     bench_parser.add_argument("--out", metavar="DIR",
-                              help="directory for the JSON results (default: benchmarks/results if it exists "
-                                   "here, else ./leanops-results)")
+                              help="directory for the JSON and CSV results (default: a fresh folder "
+                                   "./leanops-results-<date>-<time>, or, inside a leanops source checkout, the "
+                                   "same under ~/.cache/leanops: the committed benchmarks/results are written "
+                                   "only when named here)")
     bench_parser.add_argument("--repeats", type=int, metavar="N",
                               help="timed repeats per measurement; the median is reported (default: 20 on a "
                                    "GPU, 5 on the CPU)")

@@ -106,15 +106,24 @@ def format_info(info: dict) -> str:
         if build.get("cuda"):
             lines.append(f"  CUDA architectures: {build.get('cuda_arch_list') or 'unknown'}")
     else:
-        lines.append(f"  not available: {extension['error']}")
+        cause, _, fix = (extension["error"] or "").partition(" Fix: ")
+        lines.append(f"  not available: {cause}")
+        if fix:
+            lines.append(f"  fix: {fix}")
     set_variables = {name: value for name, value in info["environment"].items() if value is not None}
     if set_variables:
         lines += ["", "environment"] + [f"  {name}={value}" for name, value in set_variables.items()]
 
     lines += ["", "providers per op family (leanops.ops)"]
     header = ("provider", "device", "built", "usable", "why not")
+    def why_not(reason: str | None) -> str:
+        # The extension's cause and fix are printed once above, not in every row.
+        if reason and reason.startswith("leanops._C is not available"):
+            return "leanops._C is not available (see above)"
+        return reason or ""
+
     rows = [(entry["backend"], entry["device_type"], "yes" if entry["built"] else "no",
-             "yes" if entry["usable"] else "no", entry["reason"] or "") for entry in info["backends"]]
+             "yes" if entry["usable"] else "no", why_not(entry["reason"])) for entry in info["backends"]]
     widths = [max(len(str(row[column])) for row in rows + [header]) for column in range(len(header) - 1)]
 
     def line(row) -> str:

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from .. import ops
 from .common import (PROGRAM, PeakMemory, busy_notes, command_of, cpu_memory_pass, error, format_bytes, heading,
                      log, measure_call, memory_description, peak_cell, write_outputs)
 
@@ -142,10 +143,12 @@ def measure_loss_head(device, tokens: int, d_model: int, vocabulary: int, seed: 
     def peak(step, seconds):
         return measurement.peak_extra_memory(step, device, seconds)
 
+    # The lean plan by name: auto would build these logits densely on the CPU (leanops.plans.dense_logits_chosen).
+    backend = ops.CROSS_ENTROPY.resolve("leanops.linear_cross_entropy", "auto", device, dtype).backend
     rows = []
     for name, loss in (("plain", "logits"), ("leanops", "linear-ce")):
         def step(loss=loss):
-            value = train_lm.language_model_loss(hidden, weight, targets, loss=loss)
+            value = train_lm.language_model_loss(hidden, weight, targets, loss=loss, backend=backend)
             torch.autograd.grad(value, (hidden, weight))
 
         try:
