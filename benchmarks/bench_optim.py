@@ -197,7 +197,7 @@ def make_optimizer(method: Method, params: list[torch.Tensor]) -> torch.optim.Op
     if method.mode:
         return CollageAdamW(params, **HYPERPARAMETERS, mode=method.mode, backend=method.backend)
     if method.projection:
-        return FRUGAL(params, **HYPERPARAMETERS, density=FRUGAL_DENSITY, projection=method.projection,
+        return FRUGAL([{"params": params}], **HYPERPARAMETERS, density=FRUGAL_DENSITY, projection=method.projection,
                       state_free="signsgd", backend=method.backend)
     if method.name == "optimi-kahan":
         return _optimi_adamw()(params, **HYPERPARAMETERS, kahan_sum=True)

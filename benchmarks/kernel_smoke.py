@@ -115,8 +115,9 @@ def _optimizer_cases(backend: str, device: torch.device) -> list[tuple[str, Call
     cases = [(f"CollageAdamW {mode}", step(lambda params, mode=mode: CollageAdamW(
         params, lr=1e-3, weight_decay=0.01, mode=mode, backend=backend), torch.bfloat16))
         for mode in ("light", "plus")]
+    # One explicit group: the split kernel steps every tensor (bare parameters would split only 2-D matrices).
     cases += [(f"FRUGAL {projection}", step(lambda params, projection=projection: FRUGAL(
-        params, lr=1e-3, weight_decay=0.01, density=0.25, projection=projection, backend=backend), torch.float32))
+        [{"params": params}], lr=1e-3, weight_decay=0.01, density=0.25, projection=projection, backend=backend), torch.float32))
         for projection in ("blockwise", "columns")]
     return cases
 

@@ -245,3 +245,13 @@ def test_info_lists_every_provider_of_every_family():
     text = info.format_info(info.collect())
     for family in ops.FAMILIES:
         assert family.name in text
+
+
+def test_a_dtype_specific_preference_comes_first():
+    """MCF and FRUGAL in float16 on the CPU: auto takes the reference (measured faster there; the same bits),
+    and every other dtype the C++ kernels."""
+    for family in (ops.MCF, ops.FRUGAL):
+        assert family.resolve("op", "auto", torch.device("cpu"), torch.float16).backend == "reference"
+        if family.unavailable_reason("cpu", torch.device("cpu"), torch.float32) is None:
+            assert family.resolve("op", "auto", torch.device("cpu"), torch.float32).backend == "cpu"
+    assert ops.CONTRASTIVE.resolve("op", "reference", torch.device("cpu"), torch.float16).backend == "reference"

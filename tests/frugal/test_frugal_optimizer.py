@@ -507,3 +507,20 @@ def test_auto_picks_the_cpu_kernel_and_float64_the_reference():
     assert resolve_backend("auto", parameter.double()) == "reference"
     with pytest.raises(leanops.BackendUnavailableError, match="float64"):
         resolve_backend("cpu", parameter.double())
+
+
+@pytest.mark.parametrize("backend,device", provider_cases(ops.FRUGAL, devices=("cpu",)))
+@pytest.mark.parametrize("density", [0.0, 0.5])
+def test_signsgd_nan_gradient_reaches_the_parameter_on_every_backend(backend, device, density):
+    """signSGD keeps a NaN gradient (reference.frugal.sign): the optimizer's reference backend too, not
+    torch.sign(nan) = 0, which would drop it silently."""
+    parameter = torch.nn.Parameter(torch.ones(4, 6))
+    optimizer = leanops.optim.FRUGAL([{"params": [parameter]}], lr=0.1, density=density, projection="columns",
+                                     state_free="signsgd", backend=backend)
+    gradient = torch.full((4, 6), 0.5)
+    gradient[1, 2] = float("nan")
+    parameter.grad = gradient
+    optimizer.step()
+    nan = torch.isnan(parameter.detach())
+    assert bool(nan.any()), f"{backend}: the NaN gradient was dropped"
+    assert bool(torch.isfinite(parameter.detach()[~nan]).all())

@@ -8,7 +8,8 @@ A family (``leanops/ops/<family>.py``) is declared once, as an ``OpFamily``:
 - its ``Provider``s: ``reference`` (plain PyTorch, float64-capable, chunked: python/leanops/reference/<family>.py),
   ``cpu`` and ``cuda`` (the C++ kernels of leanops._C) and ``triton`` (triton_kernels/<family>.py), each with the
   dtypes it serves;
-- ``preference``: the order in which ``backend="auto"`` tries the providers, per device type.
+- ``preference``: the order in which ``backend="auto"`` tries the providers, per device type, or per device type
+  and dtype where a measurement says so (a key "cpu:float16" is looked up before "cpu").
 
 ``OpFamily.resolve`` returns the provider that serves a call, or raises ``BackendUnavailableError`` saying why each
 candidate cannot; ``provider.operators`` holds its callable operators (``provider.operators.clip_forward(...)``).
@@ -192,15 +193,18 @@ class OpFamily:
     def resolve(self, op: str, backend: str, device: torch.device, dtype: torch.dtype) -> Provider:
         """The provider that serves `op` (the public name, for messages) on tensors of this device and dtype.
 
-        ``auto`` (or what ``LEANOPS_BACKEND`` names) takes the first provider of ``preference[device.type]`` that
-        can serve; a named backend must serve or the error says why. ValueError for an unknown name."""
+        ``auto`` (or what ``LEANOPS_BACKEND`` names) takes the first provider that can serve of
+        ``preference["<device type>:<dtype>"]`` where declared, else of ``preference[device.type]``; a named backend
+        must serve or the error says why. ValueError for an unknown name."""
         if not isinstance(backend, str):
             raise TypeError(f"{op}: argument 'backend' must be a string, got {type(backend).__name__}")
         if backend == AUTO:
             backend = backends.default_backend()
         if backend == AUTO:
             reasons = []
-            for candidate in self.preference.get(device.type, ("reference",)):
+            dtype_key = f"{device.type}:{str(dtype).removeprefix('torch.')}"
+            order = self.preference.get(dtype_key) or self.preference.get(device.type, ("reference",))
+            for candidate in order:
                 reason = self.unavailable_reason(candidate, device, dtype)
                 if reason is None:
                     return self.provider(candidate)

@@ -18,6 +18,7 @@ Triton kernels match bit for bit; it and this step agree to float32 rounding.
 import torch
 
 from .. import _distributed
+from ...reference import frugal as reference_frugal
 from ...reference import mcf as reference_mcf
 from .options import OPERATION, SUBSPACE_DIM, is_compensated
 from .parameter_state import advance, compensation, whole_moments
@@ -80,7 +81,7 @@ def _state_free(group: dict, work: Tensor, remainder: Tensor) -> None:
     rule = group["state_free"]
     rate = group["lr"] * group["state_free_lr_scale"]
     if rule == "signsgd":
-        work.add_(remainder.sign(), alpha=-rate)
+        work.add_(reference_frugal.sign(remainder), alpha=-rate)  # NaN stays NaN (torch.sign(nan) is 0)
     elif rule == "sgd":
         work.add_(remainder, alpha=-rate)
 
