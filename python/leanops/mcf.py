@@ -51,16 +51,28 @@ Tensor = torch.Tensor
 KERNEL_DTYPES = backends.KERNEL_DTYPES
 
 
-def _dispatch(op: str, backend: str, like: Tensor):
-    """The operator `op` of the provider that serves tensors like `like` (leanops.ops.mcf declares them)."""
-    return getattr(MCF.resolve(f"leanops.mcf.{op}", backend, like.device, like.dtype).operators, op)
+def _dispatch(op: str, backend: str, like: Tensor, *inputs: Tensor):
+    """The operator `op` of the provider that serves tensors like `like` (leanops.ops.mcf declares them).
+
+    Only the reference differentiates (torch autograd through the same arithmetic; the kernels have no gradient):
+    where an input requires grad and grad mode is on, ``auto`` takes the reference, and a kernel backend named
+    explicitly is refused rather than return results whose gradients would silently be missing."""
+    name = f"leanops.mcf.{op}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        if backend == backends.AUTO and backends.default_backend() == backends.AUTO:
+            backend = "reference"
+        elif MCF.resolve(name, backend, like.device, like.dtype).backend != "reference":
+            raise RuntimeError(f"{name}: an input requires grad, and backend {backend!r} has no gradient (only the "
+                               f"reference differentiates the MCF arithmetic): call it under torch.no_grad(), on "
+                               f"detached tensors, or with backend='reference'")
+    return getattr(MCF.resolve(name, backend, like.device, like.dtype).operators, op)
 
 
 def _binary(op: str, a, b, backend: str) -> tuple[Tensor, Tensor]:
     name = f"leanops.mcf.{op}"
     _validation.check_tensor(name, "a", a, REFERENCE_DTYPES)
     _validation.check_like(name, "b", b, "a", a)
-    return tuple(_dispatch(op, backend, a)(a, b))
+    return tuple(_dispatch(op, backend, a, a, b)(a, b))
 
 
 def two_sum(a: Tensor, b: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -106,7 +118,7 @@ def grow(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[T
     updates that plain bfloat16 would round away accumulate in ``lo`` until they reach ``hi``.
     """
     _check_grow("leanops.mcf.grow", hi, lo, v)
-    return tuple(_dispatch("grow", backend, hi)(hi, lo, v))
+    return tuple(_dispatch("grow", backend, hi, hi, lo, v)(hi, lo, v))
 
 
 def _check_in_place_allowed(op: str, name: str, tensor: Tensor) -> None:
@@ -137,7 +149,7 @@ def grow_(hi: Tensor, lo: Tensor, v: Tensor, *, backend: str = "auto") -> tuple[
     if not torch.compiler.is_compiling():
         # Eagerly, before any provider runs (inside a compiled graph the C++ kernels check it themselves).
         _validation.check_no_shared_memory(op, "hi", hi, "lo", lo)
-    _dispatch("grow_", backend, hi)(hi, lo, v)
+    _dispatch("grow_", backend, hi, hi, lo, v)(hi, lo, v)
     return hi, lo
 
 
@@ -182,7 +194,7 @@ def scale(hi: Tensor, lo: Tensor, b_hi, b_lo, *, backend: str = "auto") -> tuple
     _validation.check_like(op, "lo", lo, "hi", hi)
     b_hi = _multiplier(op, "b_hi", b_hi, hi)
     b_lo = _multiplier(op, "b_lo", b_lo, hi)
-    return tuple(_dispatch("scale", backend, hi)(hi, lo, b_hi, b_lo))
+    return tuple(_dispatch("scale", backend, hi, hi, lo, b_hi, b_lo)(hi, lo, b_hi, b_lo))
 
 
 def split(x: Tensor, dtype: torch.dtype = torch.bfloat16, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -196,7 +208,7 @@ def split(x: Tensor, dtype: torch.dtype = torch.bfloat16, *, backend: str = "aut
     if dtype not in KERNEL_DTYPES:
         allowed = ", ".join(str(d) for d in KERNEL_DTYPES)
         raise TypeError(f"{op}: argument 'dtype' must be one of {allowed}, got {dtype!r}")
-    return tuple(_dispatch("split", backend, x)(x, dtype))
+    return tuple(_dispatch("split", backend, x, x)(x, dtype))
 
 
 def merge(hi: Tensor, lo: Tensor, *, backend: str = "auto") -> Tensor:
@@ -204,4 +216,4 @@ def merge(hi: Tensor, lo: Tensor, *, backend: str = "auto") -> Tensor:
     op = "leanops.mcf.merge"
     _validation.check_tensor(op, "hi", hi, KERNEL_DTYPES)
     _validation.check_like(op, "lo", lo, "hi", hi)
-    return _dispatch("merge", backend, hi)(hi, lo)
+    return _dispatch("merge", backend, hi, hi, lo)(hi, lo)
