@@ -6,7 +6,8 @@ of Collage (Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM Tra
 optimizers keep bfloat16 weights and optimizer state without fp32 master copies.
 
 All ops take tensors of one dtype and one shape (``scale``'s multiplier may be a single element) and return new
-contiguous tensors; every result is exact as stated, not merely close:
+tensors (contiguous from the kernels; the reference's follow torch's layout rules, e.g. a permuted input's order);
+every result is exact as stated, not merely close:
 
 ==================================  ===========================================================================
 ``two_sum(a, b) -> (s, e)``          s = fl(a + b), and a + b == s + e exactly (Knuth's TwoSum, any operands)
@@ -28,12 +29,16 @@ Special values: every backend gives the reference's results for any input, NaN a
 algorithms' own IEEE float math, no special cases). NaN in gives NaN out. Where the leading result is infinite (an
 infinite operand, or a sum or product that overflows):
 
-- ``two_sum``, ``fast_two_sum``, ``grow``: the error term is NaN (the algorithms compute inf - inf).
+- ``two_sum``: the error term is NaN (the algorithm computes inf - inf). ``fast_two_sum`` (s, e) = (s, b - (s - a)):
+  a sum of finite operands that overflows gives e = -+inf (e.g. (inf, -inf) for 65504 + 4348 in float16), an
+  infinite operand NaN. ``grow`` inherits both: Fast2Sum(s, e + lo) gives (inf, -inf) where only the last sum
+  overflows and (NaN, NaN) where TwoSum's error term is already NaN.
 - ``two_prod``: p = +-inf; for finite operands whose product overflows e = -p (e = a * b - p taken exactly: a finite
   product minus an infinite p), for an infinite or NaN operand e = NaN. Large finite float32 operands are exact up
   to the overflow (no splitting that overflows first).
 - ``scale``: an overflowing product gives (NaN, NaN) (Fast2Sum of p = +-inf and e = -p).
-- ``split``: x beyond the format's range gives (+-inf, -+inf); ``merge``: hi + lo in float32.
+- ``split``: a finite x beyond the format's range gives (+-inf, -+inf), an infinite x (+-inf, NaN); ``merge``: hi + lo
+  in float32.
 
 ``grow_`` refuses, like torch's in-place operators and before any kernel runs, a ``hi`` or ``lo`` that is a leaf
 requiring grad (or a view of one) while grad mode is on.

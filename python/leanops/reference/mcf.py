@@ -43,14 +43,22 @@ def two_prod(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     the bits of fma(a, b, -p) in float32, which the kernels compute. Special values follow from that float math:
     finite operands whose product overflows give p = +-inf and e = -p (a * b - p with a finite a * b); an infinite
     or NaN operand gives e = NaN. (The float32 product of two bfloat16 values can itself overflow, which would make
-    e = inf - inf = NaN; hence float64 for every dtype.) float64 uses Dekker's TwoProduct.
+    e = inf - inf = NaN; hence float64 for every dtype.) float64 uses Dekker's TwoProduct on operands scaled by
+    2^-54 where they exceed 2^995 (Veltkamp's splitting would overflow there; the scaling is exact, and e scaled
+    back cannot have underflowed: p would have to be below 2^-915 with an operand above 2^995).
     """
     p = a * b
     if a.dtype == torch.float64:
-        a_hi, a_lo = _dekker_split(a)
-        b_hi, b_lo = _dekker_split(b)
-        e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
-        return p, e
+        big, down = 2.0 ** 995, 2.0 ** -54
+        scale_a = torch.where(a.abs() > big, down, 1.0)
+        scale_b = torch.where(b.abs() > big, down, 1.0)
+        a_scaled, b_scaled = a * scale_a, b * scale_b
+        p_scaled = a_scaled * b_scaled
+        a_hi, a_lo = _dekker_split(a_scaled)
+        b_hi, b_lo = _dekker_split(b_scaled)
+        e = (((a_hi * b_hi - p_scaled) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo) / (scale_a * scale_b)
+        overflowed = torch.isinf(p) & torch.isfinite(a) & torch.isfinite(b)
+        return p, torch.where(overflowed, -p, e)
     exact = a.to(torch.float64) * b.to(torch.float64)
     # float64 -> float32 -> dtype: torch narrows float64 to 16 bits through float32, and so do the kernels (fma's
     # float32 result, then the rounding to the dtype): the two agree where e underflows too.
