@@ -24,7 +24,7 @@ from .ops.registry import refuse_second_derivative
 Tensor = torch.Tensor
 
 
-class _SameOnEveryRank(torch.autograd.Function):
+class SameOnEveryRank(torch.autograd.Function):
     """Identity forward; the backward all-reduces (sums) the gradient over the group: for an input that every rank
     holds and each rank's slice of the computation uses (the hidden states of a vocabulary-parallel head)."""
 
@@ -35,7 +35,7 @@ class _SameOnEveryRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        refuse_second_derivative("linear_cross_entropy(group=...)")  # the all-reduce below is not differentiable
+        refuse_second_derivative("a loss over ranks (all-reduced gradient)")  # the all-reduce is not differentiable
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
@@ -109,7 +109,7 @@ def statistics(operators, hidden: Tensor, weight: Tensor, bias: Tensor, targets:
     offset = int(sizes[:rank].sum())
     mine = (targets >= offset) & (targets < offset + weight.shape[0])
     local_targets = torch.where(mine, targets - offset, -1)
-    shared_hidden = _SameOnEveryRank.apply(hidden.contiguous(), group)
+    shared_hidden = SameOnEveryRank.apply(hidden.contiguous(), group)
     lse, target_logit, logit_sum, logit_square_sum = operators.linear_ce_forward(
         shared_hidden, weight.contiguous(), bias.contiguous(), local_targets, softcap)
     return int(sizes.sum()), (_LogSumExpOverRanks.apply(lse, group), _SumOverRanks.apply(target_logit, group),

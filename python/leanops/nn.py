@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import contrastive, cross_entropy, distill, distributed_contrastive
+from . import contrastive, cross_entropy, distill, distributed_contrastive, distributed_cross_entropy
 
 Tensor = torch.Tensor
 
@@ -61,19 +61,11 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-class _AverageGradientOverRanks(torch.autograd.Function):
-    """Identity forward; the gradient averaged over the ranks of `group` (every rank runs this backward)."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad / dist.get_world_size(ctx.group), None
+def _average_gradient_over_ranks(tensor: Tensor, group) -> Tensor:
+    """Identity forward; the gradient averaged over the ranks of `group` (every rank runs this backward): the sum
+    over the ranks (distributed_cross_entropy.SameOnEveryRank), divided by their number."""
+    return _ScaleGradient.apply(distributed_cross_entropy.SameOnEveryRank.apply(tensor, group),
+                                1.0 / dist.get_world_size(group))
 
 
 def _all_gather_without_grad(tensor: Tensor, group) -> Tensor:
@@ -225,7 +217,7 @@ class ClipLoss(_ContrastiveLoss):
         if isinstance(logit_scale, Tensor) and logit_scale.requires_grad:
             # Every open_clip rank differentiates the whole loss: the scale's gradient is the whole one on each
             # (leanops' is this rank's share times P: their average).
-            logit_scale = _AverageGradientOverRanks.apply(logit_scale, self.group)
+            logit_scale = _average_gradient_over_ranks(logit_scale, self.group)
         if not self.gather_with_grad:
             # Without gather_with_grad open_clip differentiates only the local copy of each rank's features: the
             # single-device gradient of its slice, 1/P of what leanops gives DDP.
