@@ -105,6 +105,29 @@ inline uint32_t float_to_half_bits(float x) {  // x is a float16 value (or NaN, 
 }
 #endif
 
+// add / sub / mul of two words of two F values, each lane rounded once to F: one packed PTX instruction on the
+// device (`type` "bf16x2" or "f16x2": add.rn / sub.rn / mul.rn, sm_90, no .ftz: subnormals kept); on the host the
+// float32 operation then the rounding, which is what collage.h computes and what the device instruction equals
+// (the header comment; tests/collage/test_collage_packed_rounding.py). Expanded inside each storage format's struct,
+// which provides widen and round_word.
+#if defined(__CUDA_ARCH__)
+#define LEANOPS_PACKED_F_OPERATION(name, type)                                     \
+  LEANOPS_HOST_DEVICE static uint32_t name(uint32_t a, uint32_t b) {               \
+    uint32_t d;                                                                    \
+    asm(#name ".rn." type " %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));              \
+    return d;                                                                      \
+  }
+#else
+#define LEANOPS_PACKED_F_OPERATION(name, type)                                     \
+  LEANOPS_HOST_DEVICE static uint32_t name(uint32_t a, uint32_t b) {               \
+    return round_word(name##_rn(widen(a), widen(b)));                              \
+  }
+#endif
+#define LEANOPS_PACKED_F_ARITHMETIC(type) \
+  LEANOPS_PACKED_F_OPERATION(add, type)   \
+  LEANOPS_PACKED_F_OPERATION(sub, type)   \
+  LEANOPS_PACKED_F_OPERATION(mul, type)
+
 struct BFloat16Words {
   using Format = eft::BFloat16Format;
 
@@ -155,35 +178,7 @@ struct BFloat16Words {
   // Arithmetic in F on words of two F values, each lane rounded once to bfloat16: add.rn / sub.rn / mul.rn.bf16x2
   // (sm_90; subnormals kept), the same bits as the float32 operation then the rounding (the host's fallback, and
   // collage.h's arithmetic): the header comment, and tests/collage/test_collage_packed_rounding.py.
-  LEANOPS_HOST_DEVICE static uint32_t add(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("add.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(add_rn(widen(a), widen(b)));
-#endif
-  }
-
-  LEANOPS_HOST_DEVICE static uint32_t sub(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(sub_rn(widen(a), widen(b)));
-#endif
-  }
-
-  LEANOPS_HOST_DEVICE static uint32_t mul(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(mul_rn(widen(a), widen(b)));
-#endif
-  }
+  LEANOPS_PACKED_F_ARITHMETIC("bf16x2")
 };
 
 struct Float16Words {
@@ -232,35 +227,7 @@ struct Float16Words {
 
   // Arithmetic in F on words of two F values, each lane rounded once to float16: add.rn / sub.rn / mul.rn.f16x2
   // (no .ftz: subnormals kept), the same bits as the float32 operation then the rounding (the host's fallback).
-  LEANOPS_HOST_DEVICE static uint32_t add(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(add_rn(widen(a), widen(b)));
-#endif
-  }
-
-  LEANOPS_HOST_DEVICE static uint32_t sub(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(sub_rn(widen(a), widen(b)));
-#endif
-  }
-
-  LEANOPS_HOST_DEVICE static uint32_t mul(uint32_t a, uint32_t b) {
-#if defined(__CUDA_ARCH__)
-    uint32_t d;
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-#else
-    return round_word(mul_rn(widen(a), widen(b)));
-#endif
-  }
+  LEANOPS_PACKED_F_ARITHMETIC("f16x2")
 };
 
 // ---------------------------------------------------------------------------------------------------------------
