@@ -60,10 +60,11 @@ def panel_budget_bytes(device_type: str) -> int:
 
 
 # The dense small-logits choice of ``backend="auto"`` (linear cross-entropy): on the CPU, plain PyTorch's dense
-# logits + F.cross_entropy is GEMM-bound at 6 N V D FLOPs, and the lean plan's 8 N V D cannot match it (1.4x the CPU
-# time at N = 2048, D = 512, V = 8192, measured on the 2-core VM); while the N x V float32 logits fit this budget,
-# ``auto`` computes the statistics from them densely (the same FLOPs as plain PyTorch, and a bounded memory cost). On
-# a GPU there is none: memory is the point there. ``LEANOPS_DENSE_LOGITS_MIB`` overrides it (0: never dense).
+# logits + F.cross_entropy is GEMM-bound at 6 N V D FLOPs against the lean plan's 8 N V D: on the 2-core VM the cpu
+# kernels take 1.1-1.25x plain's time at small logits (16-32 MiB) and 1.35x its CPU time when the cores are shared
+# (benchmarks/results/cross_entropy-cpu-auto.md); while the N x V float32 logits fit this budget, ``auto`` computes
+# the loss from them densely (plain PyTorch's FLOPs, a bounded memory cost). On a GPU there is none: memory is the
+# point there. ``LEANOPS_DENSE_LOGITS_MIB`` overrides it (0: never dense).
 DEFAULT_DENSE_LOGITS_MIB = {"cpu": 64.0}
 
 
