@@ -357,3 +357,21 @@ def provider_grid(cases: list, points: list, slow=None) -> list:
                 marks.append(pytest.mark.slow)
             grid.append(pytest.param(*case.values, *point.values, marks=marks, id=f"{case.id}-{point.id}"))
     return grid
+
+
+def assert_same_state(actual, expected, what="state_dict"):
+    """Nested dicts / lists equal, tensors bit for bit (dtype and shape included): an optimizer's state_dict before
+    and after a refused load."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual.keys()) == list(expected.keys()), what
+        for key, value in expected.items():
+            assert_same_state(actual[key], value, f"{what}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), what
+        for index, (item, value) in enumerate(zip(actual, expected)):
+            assert_same_state(item, value, f"{what}/{index}")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, what
+        assert torch.equal(actual, expected), what
+    else:
+        assert actual == expected, what

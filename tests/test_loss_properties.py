@@ -124,6 +124,29 @@ def _check_rule(provider_function, oracle_function, inputs, magnitudes, logit):
 
 # ---------------------------------------------------------------------------------------------------------------
 
+@st.composite
+def _features(draw, backend: str, device: str):
+    """(image, text): (B, D) features of one drawn dtype, B in [1, 9], D in [1, 7], with special values."""
+    batch, dim = draw(st.integers(1, 9)), draw(st.integers(1, 7))
+    dtype = draw(st.sampled_from(_dtypes(backend, device)))
+    seed = draw(st.integers(0, 2 ** 31))
+    return draw(_matrix(batch, dim, seed)).to(dtype), draw(_matrix(batch, dim, seed + 1)).to(dtype)
+
+
+@st.composite
+def _labels_and_reduction(draw, batch: int):
+    """(labels: None or (B,) group ids, reduction)."""
+    labels = None
+    if draw(st.booleans()):
+        labels = torch.tensor(draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch)))
+    return labels, draw(st.sampled_from(["mean", "sum", "none"]))
+
+
+def _feature_magnitudes(image, text) -> tuple[float, float, float]:
+    """The largest finite |x|, |y| and |<x_i, y_j>|: the sizes of the terms a contrastive gradient cancels."""
+    return _largest(image.double()), _largest(text.double()), _largest(image.double() @ text.double().T)
+
+
 @pytest.mark.parametrize("backend,device", provider_cases(CONTRASTIVE, devices=("cpu",)))
 def test_clip_property(backend, device):
     require_backend(backend, device)
@@ -131,19 +154,12 @@ def test_clip_property(backend, device):
     @PROPERTY_SETTINGS
     @given(data=st.data())
     def check(data):
-        batch, dim = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 7))
-        dtype = data.draw(st.sampled_from(_dtypes(backend, device)))
-        seed = data.draw(st.integers(0, 2 ** 31))
-        image = data.draw(_matrix(batch, dim, seed))
-        text = data.draw(_matrix(batch, dim, seed + 1))
+        image, text = data.draw(_features(backend, device))
         scale = torch.tensor(data.draw(st.sampled_from([1.0, 14.3, 100.0, 1e-3])), dtype=torch.float64)
-        labels = None
-        if data.draw(st.booleans()):
-            labels = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch)))
-        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]))
-        inputs = [image.to(dtype), text.to(dtype), scale.float()]
-        x, y, s = _largest(inputs[0].double()), _largest(inputs[1].double()), scale.item()
-        similarity = _largest(inputs[0].double() @ inputs[1].double().T)
+        labels, reduction = data.draw(_labels_and_reduction(image.shape[0]))
+        inputs = [image, text, scale.float()]
+        x, y, similarity = _feature_magnitudes(image, text)
+        s = scale.item()
         _check_rule(lambda x, y, s: leanops.clip_loss(x, y, s, labels=labels, reduction=reduction, backend=backend),
                     lambda x, y, s: oracles.clip_loss(x, y, s, labels=labels, reduction=reduction), inputs,
                     [s * similarity, s * y, s * x, similarity], s * similarity)
@@ -158,20 +174,13 @@ def test_siglip_property(backend, device):
     @PROPERTY_SETTINGS
     @given(data=st.data())
     def check(data):
-        batch, dim = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 7))
-        dtype = data.draw(st.sampled_from(_dtypes(backend, device)))
-        seed = data.draw(st.integers(0, 2 ** 31))
-        image = data.draw(_matrix(batch, dim, seed))
-        text = data.draw(_matrix(batch, dim, seed + 1))
+        image, text = data.draw(_features(backend, device))
         scale = torch.tensor(data.draw(st.sampled_from([1.0, 10.0, 100.0])), dtype=torch.float32)
         bias = torch.tensor(data.draw(st.sampled_from([-10.0, 0.0, 3.5])), dtype=torch.float32)
-        labels = None
-        if data.draw(st.booleans()):
-            labels = torch.tensor(data.draw(st.lists(st.integers(0, 3), min_size=batch, max_size=batch)))
-        reduction = data.draw(st.sampled_from(["mean", "sum", "none"]))
-        inputs = [image.to(dtype), text.to(dtype), scale, bias]
-        x, y = _largest(inputs[0].double()), _largest(inputs[1].double())
-        similarity = _largest(inputs[0].double() @ inputs[1].double().T)
+        labels, reduction = data.draw(_labels_and_reduction(image.shape[0]))
+        batch = image.shape[0]
+        inputs = [image, text, scale, bias]
+        x, y, similarity = _feature_magnitudes(image, text)
         logit = scale.item() * similarity + abs(bias.item())
         _check_rule(lambda x, y, s, b: leanops.siglip_loss(x, y, s, b, labels=labels, reduction=reduction,
                                                            backend=backend),

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import leanops
-from helpers import provider_cases
+from helpers import assert_same_state, provider_cases
 from leanops import ops
 from leanops.optim import FRUGAL, CollageAdamW, collage
 
@@ -49,23 +49,6 @@ def _make(mode="plus", backend="reference", steps=STEPS_BEFORE):
     return parameters, optimizer
 
 
-def assert_same(actual, expected, what="state_dict"):
-    """Nested dicts / lists equal, tensors bit for bit (dtype and shape included)."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual.keys()) == list(expected.keys()), what
-        for key, value in expected.items():
-            assert_same(actual[key], value, f"{what}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), what
-        for index, (item, value) in enumerate(zip(actual, expected)):
-            assert_same(item, value, f"{what}/{index}")
-    elif isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, what
-        assert torch.equal(actual, expected), what
-    else:
-        assert actual == expected, what
-
-
 def assert_refused_and_unchanged(bad_state_dict, match: str, make=_make) -> None:
     """`bad_state_dict` is refused (ValueError or TypeError matching `match`); the optimizer's state dict is what it
     was, and its next step gives the bits of a twin that never saw the bad load."""
@@ -73,13 +56,13 @@ def assert_refused_and_unchanged(bad_state_dict, match: str, make=_make) -> None
     before = copy.deepcopy(optimizer.state_dict())
     with pytest.raises((ValueError, TypeError), match=match):
         optimizer.load_state_dict(bad_state_dict)
-    assert_same(optimizer.state_dict(), before)
+    assert_same_state(optimizer.state_dict(), before)
     twin_parameters, twin = make()
     _run(parameters, optimizer, 1, start=STEPS_BEFORE)
     _run(twin_parameters, twin, 1, start=STEPS_BEFORE)
     for ours, theirs in zip(parameters, twin_parameters):
         assert torch.equal(ours, theirs)
-    assert_same(optimizer.state_dict(), twin.state_dict())
+    assert_same_state(optimizer.state_dict(), twin.state_dict())
 
 
 def _good_state_dict() -> dict:
@@ -234,7 +217,7 @@ def test_valid_state_dicts_still_load():
     state_dict = _good_state_dict()
     parameters, optimizer = _make(steps=0)
     optimizer.load_state_dict(state_dict)
-    assert_same(optimizer.state_dict(), state_dict)
+    assert_same_state(optimizer.state_dict(), state_dict)
     state_dict["state"][0].pop("exp_avg_sq_lo")
     state_dict["state"][1] = {}
     optimizer.load_state_dict(state_dict)
@@ -257,14 +240,14 @@ def test_step_not_incremented_when_step_raises():
     strided.grad = torch.ones_like(strided)
     with pytest.raises(ValueError, match=r"parameter 0 of group 2 .*overlaps itself or has gaps"):
         optimizer.step()
-    assert_same(optimizer.state_dict()["state"], before["state"])
+    assert_same_state(optimizer.state_dict()["state"], before["state"])
     assert strided not in optimizer.state
     # A sparse gradient.
     strided.grad = None
     parameters[2].grad = _gradients(STEPS_BEFORE)[2].to_sparse()
     with pytest.raises(ValueError, match=r"parameter 0 of group 1: sparse gradients are not supported"):
         optimizer.step()
-    assert_same(optimizer.state_dict()["state"], before["state"])
+    assert_same_state(optimizer.state_dict()["state"], before["state"])
     # State set by hand to another shape (same element count).
     parameters[2].grad = _gradients(STEPS_BEFORE)[2]
     saved = optimizer.state[parameters[1]]["exp_avg"]
@@ -272,7 +255,7 @@ def test_step_not_incremented_when_step_raises():
     with pytest.raises(ValueError, match=r"parameter 1 of group 0: state 'exp_avg' is \(1, 5\)"):
         optimizer.step()
     optimizer.state[parameters[1]]["exp_avg"] = saved
-    assert_same(optimizer.state_dict()["state"], before["state"])
+    assert_same_state(optimizer.state_dict()["state"], before["state"])
     # A backend that cannot serve.
     if not torch.cuda.is_available():
         cuda = CollageAdamW([parameters[0]], backend="cuda")

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import assert_same_state
 from leanops.optim import FRUGAL, CollageAdamW
 
 FUZZ_EXAMPLES = int(os.environ.get("LEANOPS_FUZZ_EXAMPLES", "20"))
@@ -47,22 +48,6 @@ def _maker(projection="columns", precision="fp32", dtype=torch.float32):
     return make
 
 
-def assert_same(actual, expected, what="state_dict"):
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual.keys()) == list(expected.keys()), what
-        for key, value in expected.items():
-            assert_same(actual[key], value, f"{what}/{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), what
-        for index, (item, value) in enumerate(zip(actual, expected)):
-            assert_same(item, value, f"{what}/{index}")
-    elif isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, what
-        assert torch.equal(actual, expected), what
-    else:
-        assert actual == expected, what
-
-
 def assert_refused_and_unchanged(bad_state_dict, match: str, make) -> None:
     """Refused (ValueError or TypeError matching `match`); the state dict unchanged, and the next step (a switch for
     update_gap 3 after 2 steps... the third step: same subspace) gives a twin's bits."""
@@ -70,13 +55,13 @@ def assert_refused_and_unchanged(bad_state_dict, match: str, make) -> None:
     before = copy.deepcopy(optimizer.state_dict())
     with pytest.raises((ValueError, TypeError), match=match):
         optimizer.load_state_dict(bad_state_dict)
-    assert_same(optimizer.state_dict(), before)
+    assert_same_state(optimizer.state_dict(), before)
     twin_parameters, twin = make()
     _run(parameters, optimizer, 2, start=STEPS_BEFORE)  # the second one switches (update_gap 3)
     _run(twin_parameters, twin, 2, start=STEPS_BEFORE)
     for ours, theirs in zip(parameters, twin_parameters):
         assert torch.equal(ours, theirs)
-    assert_same(optimizer.state_dict(), twin.state_dict())
+    assert_same_state(optimizer.state_dict(), twin.state_dict())
 
 
 def _good(make) -> dict:
@@ -307,7 +292,7 @@ def test_valid_state_dicts_still_load(projection):
     state_dict = _good(make)
     parameters, optimizer = make(steps=0)
     optimizer.load_state_dict(state_dict)
-    assert_same(optimizer.state_dict(), state_dict)
+    assert_same_state(optimizer.state_dict(), state_dict)
     if projection in ("columns", "rows"):
         dim = 1 if projection == "columns" else 0
         entry = state_dict["state"][0]
